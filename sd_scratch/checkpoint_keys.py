@@ -113,28 +113,34 @@ def vae_rules(n_levels: int, layers: int) -> list[Rule]:
 def convert(sd: dict[str, torch.Tensor], rules: list[Rule], to: str) -> dict[str, torch.Tensor]:
     """Rename every key of `sd` by `rules`, to "ours" or to "original". A key no rule covers is an
     error naming it: a map that silently drops tensors would leave layers random."""
-    if to not in ("ours", "original"):
-        raise ValueError(f"convert: `to` must be 'ours' or 'original', got {to!r}")
-    forward = to == "original"
-    by_prefix = {(r.ours if forward else r.original): r for r in rules}
     out = {}
     for key, tensor in sd.items():
-        prefix = _longest_prefix(key, by_prefix)
-        if prefix is None:
-            raise KeyError(f"no rule maps the key {key!r} to the {to} layout")
-        rule = by_prefix[prefix]
-        rest = key[len(prefix):]
-        for ours, original in rule.inner:
-            src, dst = (ours, original) if forward else (original, ours)
-            if rest.startswith(src):
-                rest = dst + rest[len(src):]
-                break
-        if rule.conv1x1 and forward and tensor.ndim == 2:
+        new_key, rule = rename(key, rules, to)
+        if rule.conv1x1 and to == "original" and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        elif rule.conv1x1 and not forward and tensor.ndim == 4:
+        elif rule.conv1x1 and to == "ours" and tensor.ndim == 4:
             tensor = tensor.reshape(tensor.shape[:2])
-        out[(rule.original if forward else rule.ours) + rest] = tensor
+        out[new_key] = tensor
     return out
+
+
+def rename(key: str, rules: list[Rule], to: str) -> tuple[str, Rule]:
+    """One key's name in the other layout, and the rule that mapped it."""
+    if to not in ("ours", "original"):
+        raise ValueError(f"`to` must be 'ours' or 'original', got {to!r}")
+    forward = to == "original"
+    by_prefix = {(r.ours if forward else r.original): r for r in rules}
+    prefix = _longest_prefix(key, by_prefix)
+    if prefix is None:
+        raise KeyError(f"no rule maps the key {key!r} to the {to} layout")
+    rule = by_prefix[prefix]
+    rest = key[len(prefix):]
+    for ours, original in rule.inner:
+        src, dst = (ours, original) if forward else (original, ours)
+        if rest.startswith(src):
+            rest = dst + rest[len(src):]
+            break
+    return (rule.original if forward else rule.ours) + rest, rule
 
 
 def _longest_prefix(key: str, prefixes: dict[str, Rule]) -> str | None:

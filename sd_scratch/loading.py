@@ -1,0 +1,359 @@
+"""One entry point, `load(path)`, for every official SD v1 file layout; and the writer of a single file.
+
+The three parts of `000 · Stable Diffusion原理` (text encoder, UNet, VAE) arrive in one of two layouts:
+
+* a single file, `v1-5-pruned-emaonly.safetensors` or `sd-v1-4.ckpt` (CompVis names under
+  `model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.transformer.`), whose sizes are
+  read off the tensors' shapes;
+* a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+  `scheduler/`), whose sizes come from each part's `config.json`.
+
+Loading fails loudly: a missing tensor is an error naming it; tensors we know to be extra (the EMA
+copy not chosen, the training schedule's buffers, `position_ids`) are listed in the report as
+ignored; any other extra tensor is an error unless `strict=False`; non-finite weights are reported.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint_files import CheckpointError, read_checkpoint, read_sharded
+from .checkpoint_keys import (EMA_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Rule, convert, ema_key,
+                              original_unet_shape, original_vae_shape, rename, unet_rules, vae_rules)
+from .stable_diffusion import StableDiffusion
+from .text_encoder import CLIPTextEncoder, TextEncoderConfig
+from .tokenizer import CLIPTokenizer
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+log = logging.getLogger("sd_scratch")
+
+# Buffers of the CompVis LatentDiffusion training module: the noise schedule and the learned log
+# variance. The scheduler recomputes the schedule, so they are not needed for sampling.
+SCHEDULE_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar",
+})
+# The EMA bookkeeping scalars of LitEma.
+EMA_SCALARS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
+# CLIP's position ids are a buffer in transformers; we rebuild them as integers 0..76. Some merged
+# checkpoints store them as floats, which would index wrongly, so the stored copy is never used.
+POSITION_IDS = "embeddings.position_ids"
+SD2_CONTEXT_DIM = 1024  # SD 2.x conditions on OpenCLIP ViT-H/14, 1024 wide
+SD2_REFUSAL = "it is an SD 2.x checkpoint ({why}); sd-scratch supports SD v1.x only, not SD 2.x yet"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadReport:
+    """What `load` read and what it chose, for the reader and for the log."""
+
+    source: str
+    layout: str  # "single-file" or "diffusers-folder"
+    files: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # tensors present but deliberately not used
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.source} ({self.layout})"]
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.ignored:
+            shown = ", ".join(self.ignored[:6]) + (f", … ({len(self.ignored)} in all)" if len(self.ignored) > 6 else "")
+            lines.append(f"  ignored: {shown}")
+        return "\n".join(lines)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32, *,
+         use_ema: bool = True, variant: str | None = None, strict: bool = True) -> StableDiffusion:
+    """Load an SD v1.x checkpoint: a single `.safetensors`/`.ckpt` file or a diffusers folder.
+
+    use_ema: when a single file holds both the EMA and the raw UNet weights (e.g. `v1-5-pruned.ckpt`),
+        take the EMA copy (True, the default: the weights the released samples were made with) or
+        the raw ones (False). Files with one set (`*-emaonly.*`, diffusers folders) are unaffected.
+    variant: for a diffusers folder, "fp16" prefers the `*.fp16.*` weight files.
+    strict: raise on tensors that are neither used nor known extras (default); False lists them in
+        the report as ignored and warns.
+    """
+    path = Path(path)
+    dtype = _as_dtype(dtype)
+    if path.is_dir():
+        parts, report = _read_diffusers_folder(path, variant, strict)
+    else:
+        parts, report = _read_single_file(path, use_ema, strict)
+    return _assemble(parts, report, device, dtype)
+
+
+def _assemble(parts, report: LoadReport, device, dtype: torch.dtype) -> StableDiffusion:
+    tokenizer, text_encoder, unet, vae = parts
+    for module in (text_encoder, unet, vae):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    log.info("%s", report)
+    return StableDiffusion(tokenizer, text_encoder, unet, vae, report=report)
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be a floating torch dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+
+
+# ---- single file --------------------------------------------------------------------------------
+
+def _read_single_file(path: Path, use_ema: bool, strict: bool):
+    contents = read_checkpoint(path)
+    report = LoadReport(str(path), "single-file", files=[str(path)])
+    report.notes.append(f"format: {contents.format}")
+    if contents.ignored_entries:
+        report.notes.append("non-tensor entries dropped: " + ", ".join(contents.ignored_entries))
+    return _parts_from_single_file(contents.tensors, path, use_ema, strict, report)
+
+
+def from_single_file_state_dict(sd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                                dtype: torch.dtype | str = torch.float32, *, use_ema: bool = True,
+                                strict: bool = True, source: str = "<state dict>") -> StableDiffusion:
+    """`load` for tensors already in memory under the single-file (CompVis) names."""
+    report = LoadReport(source, "single-file")
+    parts, report = _parts_from_single_file(sd, Path(source), use_ema, strict, report)
+    return _assemble(parts, report, device, _as_dtype(dtype))
+
+
+def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bool, strict: bool,
+                            report: LoadReport):
+    _refuse_other_families(sd, path)
+
+    unet_sd = _take_prefix(sd, UNET_PREFIX)
+    vae_sd = _take_prefix(sd, VAE_PREFIX)
+    text_sd = _take_prefix(sd, TEXT_PREFIX)
+    for name, part in (("UNet", unet_sd), ("VAE", vae_sd), ("text encoder", text_sd)):
+        if not part:
+            prefix = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX, "text encoder": TEXT_PREFIX}[name]
+            raise CheckpointError(f"{path}: has no {name} tensors ({prefix}*); a full SD v1 checkpoint has "
+                                  "all three parts (is this a VAE, LoRA or embedding file?)")
+
+    ema_keys = {k for k in sd if k.startswith(EMA_PREFIX) and k not in EMA_SCALARS}
+    if ema_keys and use_ema:
+        missing = [k for k in unet_sd if ema_key(k) not in sd]
+        if missing:
+            raise CheckpointError(f"{path}: its EMA copy lacks {len(missing)} UNet tensors, e.g. "
+                                  f"{ema_key(missing[0])}; load with use_ema=False to use the raw weights")
+        report.ignored += [UNET_PREFIX + k for k in unet_sd]
+        unet_sd = {k: sd[ema_key(k)] for k in unet_sd}
+        report.notes.append("the file holds EMA and raw UNet weights; using the EMA copy (use_ema=True)")
+    elif ema_keys:
+        report.notes.append("the file holds EMA and raw UNet weights; using the raw ones (use_ema=False)")
+        report.ignored += sorted(ema_keys)
+
+    leftovers = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)) and k not in ema_keys]
+    known = [k for k in leftovers if k in SCHEDULE_BUFFERS or k in EMA_SCALARS]
+    report.ignored += known
+    _unknown_extras([k for k in leftovers if k not in known], path, strict, report)
+    _drop_position_ids(text_sd, TEXT_PREFIX, report)
+
+    u_rules = unet_rules(*original_unet_shape(unet_sd))
+    v_rules = vae_rules(*original_vae_shape(vae_sd))
+    unet_sd = _convert_or_report(unet_sd, u_rules, UNET_PREFIX, path, strict, report)
+    vae_sd = _convert_or_report(vae_sd, v_rules, VAE_PREFIX, path, strict, report)
+
+    unet = _build(UNet(UNetConfig.from_state_dict(unet_sd)), unet_sd, path,
+                  _original_namer(u_rules, UNET_PREFIX), strict, report)
+    vae = _build(AutoencoderKL(VAEConfig.from_state_dict(vae_sd)), vae_sd, path,
+                 _original_namer(v_rules, VAE_PREFIX), strict, report)
+    text_encoder = _build(CLIPTextEncoder(TextEncoderConfig.from_state_dict(text_sd)), text_sd, path,
+                          lambda k: TEXT_PREFIX + k, strict, report)
+    report.notes.append("tokenizer: the vendored CLIP BPE vocabulary (a single file carries none)")
+    return (CLIPTokenizer(), text_encoder, unet, vae), report
+
+
+def _refuse_other_families(sd: dict[str, torch.Tensor], path: Path) -> None:
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise CheckpointError(f"{path}: it is an SDXL checkpoint; sd-scratch supports SD v1.x only")
+    if any(k.startswith("cond_stage_model.model.") for k in sd):
+        raise CheckpointError(f"{path}: " + SD2_REFUSAL.format(why="OpenCLIP text encoder keys"))
+    for k, t in sd.items():
+        if k.endswith("attn2.to_k.weight") and t.ndim == 2 and t.shape[1] == SD2_CONTEXT_DIM:
+            raise CheckpointError(f"{path}: " + SD2_REFUSAL.format(why=f"{SD2_CONTEXT_DIM}-wide text context"))
+
+
+def _take_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _convert_or_report(part: dict, rules: list[Rule], prefix: str, path: Path, strict: bool, report: LoadReport):
+    """Convert to our names; a tensor no rule covers is an unknown extra."""
+    unmapped = []
+    for k in part:
+        try:
+            rename(k, rules, "ours")
+        except KeyError:
+            unmapped.append(k)
+    _unknown_extras([prefix + k for k in unmapped], path, strict, report)
+    return convert({k: v for k, v in part.items() if k not in unmapped}, rules, "ours")
+
+
+def _original_namer(rules: list[Rule], prefix: str):
+    return lambda key: prefix + rename(key, rules, "original")[0]
+
+
+# ---- diffusers folder ---------------------------------------------------------------------------
+
+# Weight file names in a diffusers folder, in order of preference.
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
+# Old diffusers releases (≤0.13) named the VAE attention's layers differently.
+LEGACY_VAE_ATTENTION = (("query.", "to_q."), ("key.", "to_k."), ("value.", "to_v."), ("proj_attn.", "to_out.0."))
+
+
+def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool):
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{folder}: is a folder without model_index.json; expected a diffusers SD folder "
+                              "(model_index.json, unet/, vae/, text_encoder/, tokenizer/) or a checkpoint file")
+    report = LoadReport(str(folder), "diffusers-folder")
+    index = _read_json(folder / "model_index.json")
+    report.notes.append(f"pipeline class: {index.get('_class_name', 'unknown')}")
+
+    unet_cfg_json = _read_json(folder / "unet" / "config.json")
+    text_cfg_json = _read_json(folder / "text_encoder" / "config.json")
+    if unet_cfg_json.get("cross_attention_dim") == SD2_CONTEXT_DIM or text_cfg_json.get("hidden_size") == SD2_CONTEXT_DIM:
+        raise CheckpointError(f"{folder}: " + SD2_REFUSAL.format(why=f"{SD2_CONTEXT_DIM}-wide text context"))
+
+    unet_sd = _read_part(folder / "unet", variant, report)
+    vae_sd = _read_part(folder / "vae", variant, report)
+    text_sd = _read_part(folder / "text_encoder", variant, report)
+
+    vae_sd = _rename_legacy_vae(vae_sd, report)
+    text_sd = _take_prefix(text_sd, "text_model.") if any(k.startswith("text_model.") for k in text_sd) else text_sd
+    _drop_position_ids(text_sd, "text_encoder: text_model.", report)
+
+    unet = _build(UNet(UNetConfig.from_diffusers_config(unet_cfg_json)), unet_sd, folder / "unet", str,
+                  strict, report)
+    vae = _build(AutoencoderKL(VAEConfig.from_diffusers_config(_read_json(folder / "vae" / "config.json"))), vae_sd,
+                 folder / "vae", str, strict, report)
+    text_encoder = _build(CLIPTextEncoder(TextEncoderConfig.from_transformers_config(text_cfg_json)), text_sd,
+                          folder / "text_encoder", lambda k: "text_model." + k, strict, report)
+    if (folder / "tokenizer").is_dir():
+        tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
+    else:
+        tokenizer = CLIPTokenizer()
+        report.notes.append("tokenizer: no tokenizer/ folder, so the vendored CLIP BPE vocabulary")
+    return (tokenizer, text_encoder, unet, vae), report
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; a diffusers SD folder has it") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: is not valid JSON ({err})") from None
+
+
+def _read_part(part: Path, variant: str | None, report: LoadReport) -> dict[str, torch.Tensor]:
+    """Read one part's weights: safetensors before .bin, the requested variant before the plain files."""
+    infixes = [f".{variant}", ""] if variant else ["", ".fp16"]
+    for infix in infixes:
+        for stem in DIFFUSERS_WEIGHTS:
+            for ext in (".safetensors", ".bin"):
+                file = part / f"{stem}{infix}{ext}"
+                index = part / f"{stem}{infix}{ext}.index.json"
+                if file.is_file() or index.is_file():
+                    report.files.append(str(file if file.is_file() else index))
+                    if infix != (f".{variant}" if variant else ""):
+                        report.notes.append(f"{part.name}: no {'plain' if not variant else variant} weights, "
+                                            f"used {file.name}")
+                    return read_checkpoint(file).tensors if file.is_file() else read_sharded(index)
+    raise CheckpointError(f"{part}: no weight file found (expected e.g. diffusion_pytorch_model.safetensors, "
+                          "model.safetensors or pytorch_model.bin)")
+
+
+def _rename_legacy_vae(vae_sd: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
+    out, renamed = {}, 0
+    for k, v in vae_sd.items():
+        head, sep, tail = k.partition("mid_block.attentions.0.")
+        for old, new in LEGACY_VAE_ATTENTION if sep else ():
+            if tail.startswith(old):
+                k, renamed = head + sep + new + tail[len(old):], renamed + 1
+                break
+        out[k] = v
+    if renamed:
+        report.notes.append(f"vae: renamed {renamed} tensors from the pre-0.14 diffusers attention names "
+                            "(query/key/value/proj_attn)")
+    return out
+
+
+# ---- shared -------------------------------------------------------------------------------------
+
+def _drop_position_ids(text_sd: dict[str, torch.Tensor], shown_prefix: str, report: LoadReport) -> None:
+    ids = text_sd.pop(POSITION_IDS, None)
+    if ids is None:
+        return
+    report.ignored.append(shown_prefix + POSITION_IDS)
+    if ids.is_floating_point():
+        report.notes.append(f"the stored position_ids are {str(ids.dtype).removeprefix('torch.')} (a known defect "
+                            "of some merged checkpoints); ignored, positions are rebuilt as integers")
+
+
+def _unknown_extras(keys: list[str], source: Path, strict: bool, report: LoadReport) -> None:
+    if not keys:
+        return
+    shown = ", ".join(sorted(keys)[:5]) + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
+    if strict:
+        raise CheckpointError(f"{source}: holds {len(keys)} tensors that belong to no SD v1 part: {shown}; "
+                              "pass strict=False to ignore them")
+    warnings.warn(f"{source}: ignoring {len(keys)} unexpected tensors: {shown}", stacklevel=3)
+    report.ignored += keys
+
+
+def _build(module: nn.Module, sd: dict[str, torch.Tensor], source: Path, name_in_file, strict: bool,
+           report: LoadReport) -> nn.Module:
+    """Load `sd` into `module` strictly, with errors that use the file's own tensor names."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        shown = ", ".join(name_in_file(k) for k in missing[:5])
+        raise CheckpointError(f"{source}: {len(missing)} tensors missing, e.g. {shown}")
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        _unknown_extras([name_in_file(k) for k in extra], source, strict, report)
+        sd = {k: v for k, v in sd.items() if k in expected}
+    for k, t in sd.items():
+        if t.shape != expected[k].shape:
+            raise CheckpointError(f"{source}: {name_in_file(k)} has shape {tuple(t.shape)}, the model read off the "
+                                  f"other tensors expects {tuple(expected[k].shape)}")
+    nonfinite = [name_in_file(k) for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if nonfinite:
+        warnings.warn(f"{source}: {len(nonfinite)} tensors hold NaN or Inf values: {', '.join(nonfinite[:5])}; "
+                      "images made with them will be broken", stacklevel=3)
+        report.notes.append(f"non-finite weights: {', '.join(nonfinite)}")
+    module.load_state_dict(sd, strict=True)
+    return module
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def single_file_state_dict(model: StableDiffusion) -> dict[str, torch.Tensor]:
+    """Our three parts under their CompVis names, as in `v1-5-pruned-emaonly.safetensors`."""
+    unet_cfg, vae_cfg = model.unet.config, model.vae.config
+    u_rules = unet_rules(len(unet_cfg.channels), unet_cfg.layers_per_level, unet_cfg.attention_levels)
+    v_rules = vae_rules(len(vae_cfg.block_out_channels), vae_cfg.layers_per_block)
+    out = {}
+    for prefix, sd in ((UNET_PREFIX, convert(model.unet.state_dict(), u_rules, "original")),
+                       (VAE_PREFIX, convert(model.vae.state_dict(), v_rules, "original")),
+                       (TEXT_PREFIX, model.text_encoder.state_dict())):
+        out.update({prefix + k: v.detach().contiguous() for k, v in sd.items()})
+    return out
+
+
+def save_single_file(model: StableDiffusion, path: str | Path) -> None:
+    """Write `model` as one `.safetensors` file in the official single-file layout."""
+    save_file(single_file_state_dict(model), str(path))
