@@ -49,7 +49,7 @@ EMA_SCALARS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
 # checkpoints store them as floats, which would index wrongly, so the stored copy is never used.
 POSITION_IDS = "embeddings.position_ids"
 SD2_CONTEXT_DIM = 1024  # SD 2.x conditions on OpenCLIP ViT-H/14, 1024 wide
-SD2_REFUSAL = "it is an SD 2.x checkpoint ({why}); sd-scratch supports SD v1.x only, not SD 2.x yet"
+SD2_REFUSAL = "it is an SD 2.x checkpoint ({why}), which sd-scratch does not support yet (SD v1.x only)"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -166,12 +166,13 @@ def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bo
     unet_sd = _convert_or_report(unet_sd, u_rules, UNET_PREFIX, path, strict, report)
     vae_sd = _convert_or_report(vae_sd, v_rules, VAE_PREFIX, path, strict, report)
 
-    unet = _build(UNet(UNetConfig.from_state_dict(unet_sd)), unet_sd, path,
-                  _original_namer(u_rules, UNET_PREFIX), strict, report)
-    vae = _build(AutoencoderKL(VAEConfig.from_state_dict(vae_sd)), vae_sd, path,
-                 _original_namer(v_rules, VAE_PREFIX), strict, report)
-    text_encoder = _build(CLIPTextEncoder(TextEncoderConfig.from_state_dict(text_sd)), text_sd, path,
-                          lambda k: TEXT_PREFIX + k, strict, report)
+    with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
+        unet = UNet(UNetConfig.from_state_dict(unet_sd))
+        vae = AutoencoderKL(VAEConfig.from_state_dict(vae_sd))
+        text_encoder = CLIPTextEncoder(TextEncoderConfig.from_state_dict(text_sd))
+    _build(unet, unet_sd, path, _original_namer(u_rules, UNET_PREFIX), strict, report)
+    _build(vae, vae_sd, path, _original_namer(v_rules, VAE_PREFIX), strict, report)
+    _build(text_encoder, text_sd, path, lambda k: TEXT_PREFIX + k, strict, report)
     report.notes.append("tokenizer: the vendored CLIP BPE vocabulary (a single file carries none)")
     return (CLIPTokenizer(), text_encoder, unet, vae), report
 
@@ -235,12 +236,14 @@ def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool):
     text_sd = _take_prefix(text_sd, "text_model.") if any(k.startswith("text_model.") for k in text_sd) else text_sd
     _drop_position_ids(text_sd, "text_encoder: text_model.", report)
 
-    unet = _build(UNet(UNetConfig.from_diffusers_config(unet_cfg_json)), unet_sd, folder / "unet", str,
-                  strict, report)
-    vae = _build(AutoencoderKL(VAEConfig.from_diffusers_config(_read_json(folder / "vae" / "config.json"))), vae_sd,
-                 folder / "vae", str, strict, report)
-    text_encoder = _build(CLIPTextEncoder(TextEncoderConfig.from_transformers_config(text_cfg_json)), text_sd,
-                          folder / "text_encoder", lambda k: "text_model." + k, strict, report)
+    vae_cfg_json = _read_json(folder / "vae" / "config.json")
+    with torch.device("meta"):  # no time spent on random init: every tensor comes from the files
+        unet = UNet(UNetConfig.from_diffusers_config(unet_cfg_json))
+        vae = AutoencoderKL(VAEConfig.from_diffusers_config(vae_cfg_json))
+        text_encoder = CLIPTextEncoder(TextEncoderConfig.from_transformers_config(text_cfg_json))
+    _build(unet, unet_sd, folder / "unet", str, strict, report)
+    _build(vae, vae_sd, folder / "vae", str, strict, report)
+    _build(text_encoder, text_sd, folder / "text_encoder", lambda k: "text_model." + k, strict, report)
     if (folder / "tokenizer").is_dir():
         tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
     else:
@@ -315,8 +318,8 @@ def _unknown_extras(keys: list[str], source: Path, strict: bool, report: LoadRep
 
 
 def _build(module: nn.Module, sd: dict[str, torch.Tensor], source: Path, name_in_file, strict: bool,
-           report: LoadReport) -> nn.Module:
-    """Load `sd` into `module` strictly, with errors that use the file's own tensor names."""
+           report: LoadReport) -> None:
+    """Load `sd` into `module` (built on the meta device) strictly, with errors in the file's own names."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in sd]
     if missing:
@@ -335,8 +338,7 @@ def _build(module: nn.Module, sd: dict[str, torch.Tensor], source: Path, name_in
         warnings.warn(f"{source}: {len(nonfinite)} tensors hold NaN or Inf values: {', '.join(nonfinite[:5])}; "
                       "images made with them will be broken", stacklevel=3)
         report.notes.append(f"non-finite weights: {', '.join(nonfinite)}")
-    module.load_state_dict(sd, strict=True)
-    return module
+    module.load_state_dict(sd, strict=True, assign=True)
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class UNetConfig:
         """Read the sizes off the tensors (keys in our/diffusers naming)."""
         levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down_blocks."))
         layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets."))
-        attention = tuple(f"down_blocks.{i}.attentions.0.proj_in.weight" in sd for i in range(levels))
+        attention = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in sd) for i in range(levels))
         config = cls(
             in_channels=sd["conv_in.weight"].shape[1],
             out_channels=sd["conv_out.weight"].shape[0],
@@ -68,15 +68,13 @@ class UNetConfig:
             attention_levels=attention,
             layers_per_level=layers,
         )
-        if any(attention):
-            i = attention.index(True)
-            prefix = f"down_blocks.{i}.attentions.0."
-            if sd[prefix + "proj_in.weight"].ndim != 4:
-                raise ValueError("this UNet projects into its transformers with linear layers (SD 2.x style); "
-                                 "only SD v1's 1x1-convolution projections are supported")
-            depth = 1 + max(int(k.split(".")[5]) for k in sd if k.startswith(prefix + "transformer_blocks."))
-            context_dim = sd[prefix + "transformer_blocks.0.attn2.to_k.weight"].shape[1]
-            config = replace(config, transformer_depth=depth, context_dim=context_dim)
+        if any(k.endswith("proj_in.weight") and t.ndim != 4 for k, t in sd.items()):
+            raise ValueError("this UNet projects into its transformers with linear layers (SD 2.x style); "
+                             "only SD v1's 1x1-convolution projections are supported")
+        blocks = {int(k.split(".")[4]) for k in sd if k.startswith("mid_block.attentions.0.transformer_blocks.")}
+        context = [t.shape[1] for k, t in sd.items() if k.endswith("attn2.to_k.weight")]
+        if blocks and context:
+            config = replace(config, transformer_depth=max(blocks) + 1, context_dim=context[0])
         return config
 
     @classmethod

@@ -7,7 +7,10 @@ This module is test-only: sd_scratch itself never imports diffusers or transform
 """
 from __future__ import annotations
 
+import gzip
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -99,3 +102,78 @@ def make_text_encoder(config: dict, seed: int = 2):
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """‖ours − ref‖ / ‖ref‖, the parity measure of DEVELOPERS.md."""
     return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def write_tokenizer_folder(bpe_gz: Path, folder: Path) -> None:
+    """Write OpenAI's merges file in the diffusers layout: vocab.json (token -> id), merges.txt."""
+    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
+        merge_lines = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]  # as OpenAI CLIP's simple_tokenizer
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    byte_chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + [line.replace(" ", "") for line in merge_lines]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_json = json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False)
+    (folder / "vocab.json").write_text(vocab_json, encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merge_lines) + "\n", encoding="utf-8")
+
+
+# ---- whole checkpoints in the two official layouts ------------------------------------------------
+
+# SD v1.5's scheduler/scheduler_config.json (a PNDM scheduler over the scaled_linear training schedule).
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+)
+
+
+def make_reference_models(size: str = "tiny", inpainting: bool = False) -> dict:
+    """{"unet", "vae", "text_encoder"}: random-weight reference models at `size` "tiny" or "sd15"."""
+    unet_cfg, vae_cfg, text_cfg = (TINY_UNET, TINY_VAE, TINY_TEXT) if size == "tiny" else (SD15_UNET, SD15_VAE, SD15_TEXT)
+    if inpainting:
+        unet_cfg = dict(unet_cfg, in_channels=9)
+    return {"unet": make_unet(unet_cfg), "vae": make_vae(vae_cfg), "text_encoder": make_text_encoder(text_cfg)}
+
+
+def single_file_layout(models: dict) -> dict[str, torch.Tensor]:
+    """The reference models' weights under the CompVis single-file names, through our inverse key map,
+    with the extra tensors `v1-5-pruned-emaonly.safetensors` also carries (the training schedule's
+    buffers, LitEma's counters, CLIP's position_ids)."""
+    from sd_scratch.checkpoint_keys import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, convert, unet_rules,
+                                            vae_rules)
+    from sd_scratch.unet import UNetConfig
+    from sd_scratch.vae import VAEConfig
+
+    unet_sd, vae_sd = models["unet"].state_dict(), models["vae"].state_dict()
+    u, v = UNetConfig.from_state_dict(unet_sd), VAEConfig.from_state_dict(vae_sd)
+    sd = {UNET_PREFIX + k: t for k, t in convert(unet_sd, unet_rules(len(u.channels), u.layers_per_level,
+                                                                     u.attention_levels), "original").items()}
+    sd |= {VAE_PREFIX + k: t for k, t in convert(vae_sd, vae_rules(len(v.block_out_channels),
+                                                                 v.layers_per_block), "original").items()}
+    text_sd = models["text_encoder"].state_dict()
+    sd |= {TEXT_PREFIX + k.removeprefix("text_model."): t for k, t in text_sd.items()}
+    sd[TEXT_PREFIX + "embeddings.position_ids"] = torch.arange(77)[None]
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    sd |= {"betas": betas.float(), "alphas_cumprod": alphas_cumprod.float(),
+           "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas_cumprod[:-1].float()]),
+           "sqrt_alphas_cumprod": alphas_cumprod.sqrt().float(), "logvar": torch.zeros(1000),
+           "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(0, dtype=torch.int32)}
+    return {k: t.contiguous() for k, t in sd.items()}
+
+
+def write_diffusers_folder(models: dict, folder: Path, variant: str | None = None) -> Path:
+    """Save the reference models as a diffusers StableDiffusion(Inpaint)Pipeline folder."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from transformers import CLIPTokenizer as ReferenceTokenizer
+
+    from sd_scratch.tokenizer import DEFAULT_BPE_PATH
+
+    write_tokenizer_folder(DEFAULT_BPE_PATH, folder / "tokenizer")  # save_pretrained rewrites it
+    tokenizer = ReferenceTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"))
+    cls = StableDiffusionInpaintPipeline if models["unet"].config.in_channels == 9 else StableDiffusionPipeline
+    pipe = cls(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer, unet=models["unet"],
+               scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+               requires_safety_checker=False)
+    pipe.save_pretrained(folder, variant=variant)
+    return folder

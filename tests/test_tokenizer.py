@@ -3,7 +3,6 @@
 The reference is built on the same vocabulary: a session fixture writes the vendored BPE file out
 as an official diffusers `tokenizer/` folder (vocab.json + merges.txt), and transformers loads it.
 """
-import gzip
 import json
 import re
 import shutil
@@ -21,21 +20,8 @@ from sd_scratch.tokenizer import (
     START_OF_TEXT,
     CLIPTokenizer,
 )
+from tests.reference import write_tokenizer_folder
 from tests.tokenizer_prompts import LONG, PROMPTS
-
-
-def write_tokenizer_folder(bpe_gz: Path, folder: Path) -> None:
-    """Write OpenAI's merges file in the diffusers layout: vocab.json (token -> id), merges.txt."""
-    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
-        merge_lines = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]  # as OpenAI CLIP's simple_tokenizer
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    byte_chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + [line.replace(" ", "") for line in merge_lines]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_json = json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False)
-    (folder / "vocab.json").write_text(vocab_json, encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merge_lines) + "\n", encoding="utf-8")
 
 
 @pytest.fixture(scope="session")
