@@ -162,7 +162,8 @@ def single_file_layout(models: dict) -> dict[str, torch.Tensor]:
     return {k: t.contiguous() for k, t in sd.items()}
 
 
-def write_diffusers_folder(models: dict, folder: Path, variant: str | None = None) -> Path:
+def write_diffusers_folder(models: dict, folder: Path, variant: str | None = None,
+                           safe_serialization: bool = True) -> Path:
     """Save the reference models as a diffusers StableDiffusion(Inpaint)Pipeline folder."""
     from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer as ReferenceTokenizer
@@ -175,5 +176,5 @@ def write_diffusers_folder(models: dict, folder: Path, variant: str | None = Non
     pipe = cls(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer, unet=models["unet"],
                scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
                requires_safety_checker=False)
-    pipe.save_pretrained(folder, variant=variant)
+    pipe.save_pretrained(folder, variant=variant, safe_serialization=safe_serialization)
     return folder

@@ -122,6 +122,15 @@ def test_fp16_variant_files(tiny_models, tmp_path):
     assert any("fp16" in note for note in without_variant.report.notes)
 
 
+def test_a_folder_of_bin_files(tiny_models, tmp_path):
+    """Older diffusers folders hold pickled `diffusion_pytorch_model.bin` / `pytorch_model.bin`."""
+    write_diffusers_folder(tiny_models, tmp_path / "sd", safe_serialization=False)
+    assert (tmp_path / "sd" / "text_encoder" / "pytorch_model.bin").is_file()
+    model = sd_scratch.load(tmp_path / "sd")
+    for part in PARTS:
+        assert_same_tensors(getattr(model, part).state_dict(), reference_state_dict(tiny_models, part))
+
+
 def test_dtype_argument(tiny_checkpoint):
     assert sd_scratch.load(tiny_checkpoint["single"], dtype="fp16").unet.conv_in.weight.dtype == torch.float16
     with pytest.raises(ValueError, match="dtype"):
