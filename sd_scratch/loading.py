@@ -74,7 +74,8 @@ class LoadReport:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32, *,
-         use_ema: bool = True, variant: str | None = None, strict: bool = True) -> StableDiffusion:
+         use_ema: bool = True, variant: str | None = None, strict: bool = True,
+         vae_dtype: torch.dtype | str | None = None) -> StableDiffusion:
     """Load an SD v1.x checkpoint: a single `.safetensors`/`.ckpt` file or a diffusers folder.
 
     use_ema: when a single file holds both the EMA and the raw UNet weights (e.g. `v1-5-pruned.ckpt`),
@@ -83,20 +84,25 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     variant: for a diffusers folder, "fp16" prefers the `*.fp16.*` weight files.
     strict: raise on tensors that are neither used nor known extras (default); False lists them in
         the report as ignored and warns.
+    vae_dtype: the VAE's dtype; by default `dtype`, except float32 when `dtype` is fp16 (the SD VAE
+        overflows in fp16 and decodes NaN, i.e. black images).
     """
     path = Path(path)
     dtype = _as_dtype(dtype)
+    vae_dtype = _as_dtype(vae_dtype) if vae_dtype is not None else None
     if path.is_dir():
         parts, report = _read_diffusers_folder(path, variant, strict)
     else:
         parts, report = _read_single_file(path, use_ema, strict)
-    return _assemble(parts, report, device, dtype)
+    return _assemble(parts, report, device, dtype, vae_dtype)
 
 
-def _assemble(parts, report: LoadReport, device, dtype: torch.dtype) -> StableDiffusion:
+def _assemble(parts, report: LoadReport, device, dtype: torch.dtype, vae_dtype: torch.dtype | None = None):
     tokenizer, text_encoder, unet, vae = parts
-    for module in (text_encoder, unet, vae):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    for module, module_dtype in ((text_encoder, dtype), (unet, dtype), (vae, vae_dtype)):
+        module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
     log.info("%s", report)
     return StableDiffusion(tokenizer, text_encoder, unet, vae, report=report)
 

@@ -7,7 +7,9 @@ pipelines are built on it.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
+from . import pipelines
 from .text_encoder import CLIPTextEncoder
 from .tokenizer import CLIPTokenizer
 from .unet import UNet
@@ -38,8 +40,15 @@ class StableDiffusion:
             module.to(device=device, dtype=dtype)
         return self
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: str | list[str], clip_skip: int = 0) -> torch.Tensor:
-        """Prompts -> token ids (B, 77) -> text embeddings (B, 77, width), the UNet's context."""
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids, clip_skip=clip_skip)
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", **kwargs) -> list[Image.Image]:
+        """Text to image; see `pipelines.txt2img` for the settings."""
+        return pipelines.txt2img(self, prompt, negative_prompt, **kwargs)
+
+    def img2img(self, prompt: str | list[str], image, negative_prompt: str | list[str] = "", **kwargs) -> list[Image.Image]:
+        """Image to image (SDEdit) with `strength`; see `pipelines.img2img`."""
+        return pipelines.img2img(self, prompt, image, negative_prompt, **kwargs)
+
+    def inpaint(self, prompt: str | list[str], image, mask, negative_prompt: str | list[str] = "",
+                **kwargs) -> list[Image.Image]:
+        """Repaint the white part of `mask`; see `pipelines.inpaint`."""
+        return pipelines.inpaint(self, prompt, image, mask, negative_prompt, **kwargs)

@@ -42,6 +42,11 @@ class VAEConfig:
     layers_per_block: int = 2
     norm_groups: int = 32
 
+    @property
+    def factor(self) -> int:
+        """How many times each side shrinks from image to latent: 2 per downsampling, 8 for SD."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @classmethod
     def sd15(cls) -> VAEConfig:
         return cls()

@@ -120,10 +120,12 @@ def write_tokenizer_folder(bpe_gz: Path, folder: Path) -> None:
 
 # ---- whole checkpoints in the two official layouts ------------------------------------------------
 
-# SD v1.5's scheduler/scheduler_config.json (a PNDM scheduler over the scaled_linear training schedule).
+# SD v1.5's scheduler/scheduler_config.json (a PNDM scheduler over the scaled_linear training
+# schedule), with the "leading" spacing written out: schedulers built from this config for other
+# samplers (Euler's own default is "linspace") then use SD's spacing, as the original scripts do.
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+    skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
 )
 
 
@@ -159,7 +161,7 @@ def single_file_layout(models: dict) -> dict[str, torch.Tensor]:
            "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas_cumprod[:-1].float()]),
            "sqrt_alphas_cumprod": alphas_cumprod.sqrt().float(), "logvar": torch.zeros(1000),
            "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(0, dtype=torch.int32)}
-    return {k: t.contiguous() for k, t in sd.items()}
+    return {k: t.clone() for k, t in sd.items()}  # copies: a test may edit them, never the models
 
 
 def write_diffusers_folder(models: dict, folder: Path, variant: str | None = None,
@@ -171,7 +173,8 @@ def write_diffusers_folder(models: dict, folder: Path, variant: str | None = Non
     from sd_scratch.tokenizer import DEFAULT_BPE_PATH
 
     write_tokenizer_folder(DEFAULT_BPE_PATH, folder / "tokenizer")  # save_pretrained rewrites it
-    tokenizer = ReferenceTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"))
+    tokenizer = ReferenceTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                                   model_max_length=77)  # as in the official tokenizer_config.json
     cls = StableDiffusionInpaintPipeline if models["unet"].config.in_channels == 9 else StableDiffusionPipeline
     pipe = cls(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer, unet=models["unet"],
                scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,

@@ -132,7 +132,10 @@ def test_a_folder_of_bin_files(tiny_models, tmp_path):
 
 
 def test_dtype_argument(tiny_checkpoint):
-    assert sd_scratch.load(tiny_checkpoint["single"], dtype="fp16").unet.conv_in.weight.dtype == torch.float16
+    half = sd_scratch.load(tiny_checkpoint["single"], dtype="fp16")
+    assert half.unet.conv_in.weight.dtype == half.text_encoder.final_layer_norm.weight.dtype == torch.float16
+    assert half.vae.decoder.conv_out.weight.dtype == torch.float32  # the fp16 SD VAE decodes NaN
+    assert sd_scratch.load(tiny_checkpoint["single"], dtype="fp16", vae_dtype="fp16").vae.decoder.conv_out.weight.dtype == torch.float16
     with pytest.raises(ValueError, match="dtype"):
         sd_scratch.load(tiny_checkpoint["single"], dtype="int8")
 

@@ -1,0 +1,206 @@
+"""The `sd-scratch` command: txt2img, img2img and inpaint from the shell, one PNG per image.
+
+    sd-scratch txt2img "a lighthouse at dusk" --checkpoint v1-5-pruned-emaonly.safetensors
+    sd-scratch img2img "an oil painting" --image photo.jpg --strength 0.6 --checkpoint ...
+    sd-scratch inpaint "a red door" --image house.png --mask door.png --checkpoint ...
+
+Each PNG carries its prompt and settings in a `parameters` text chunk, written in AUTOMATIC1111's
+format so other SD tools read them back (`PIL.Image.open(path).text["parameters"]`). On success the
+written paths go to stdout, one per line; anything that goes wrong is one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from . import pipelines
+from .loading import load
+from .schedulers import SAMPLERS
+
+PROG = "sd-scratch"
+DEFAULT_CHECKPOINT: str | None = None  # no built-in model yet, so --checkpoint is required
+RANDOM_SEED = -1
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Our sampler names -> the names AUTOMATIC1111 writes in "Sampler:".
+A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "pndm": "PLMS", "plms": "PLMS", "euler": "Euler",
+                       "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
+
+
+class UsageError(Exception):
+    """The command line itself is wrong (exit status 2): argparse's errors, the prompt, no model."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no usage block); `--help` is unchanged."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description="Stable Diffusion v1 from scratch: generate images.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{txt2img,img2img,inpaint}")
+    for name, text in (("txt2img", "an image from a prompt"),
+                       ("img2img", "a prompt-guided variation of --image (SDEdit)"),
+                       ("inpaint", "repaint the white part of --mask in --image")):
+        sub = commands.add_parser(name, help=text, description=f"{name}: {text}.")
+        _add_options(sub, name)
+    return parser
+
+
+def _add_options(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt)")
+    p.add_argument("--prompt", dest="prompt_option", metavar="TEXT", help="the prompt, instead of the positional one")
+    p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to steer away from")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="PATH",
+                   help="SD v1 weights: a .safetensors/.ckpt file or a diffusers folder")
+    if command != "txt2img":
+        p.add_argument("--image", required=True, metavar="PATH", help="the input image")
+    if command == "inpaint":
+        p.add_argument("--mask", required=True, metavar="PATH", help="white = repaint, black = keep")
+    size_default = 512 if command == "txt2img" else None
+    size_help = "a multiple of 8 (default: %(default)s)" if size_default else "a multiple of 8 (default: the image's)"
+    p.add_argument("--height", type=int, default=size_default, help=size_help)
+    p.add_argument("--width", type=int, default=size_default, help=size_help)
+    if command != "txt2img":
+        p.add_argument("--strength", type=float, default=0.8 if command == "img2img" else 1.0,
+                       help="how much to change the image, in (0, 1] (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help=f"random seed, {RANDOM_SEED} for a random one (printed and recorded) (default: %(default)s)")
+    p.add_argument("--scheduler", choices=[*SAMPLERS, "plms"], default="ddim", help="sampler (default: %(default)s)")
+    p.add_argument("--karras", action="store_true", help="Karras et al.'s noise levels")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's η: 0 deterministic, 1 like DDPM (default: %(default)s)")
+    p.add_argument("--clip-skip", type=int, default=0, help="skip the last N text encoder layers (default: %(default)s)")
+    p.add_argument("--long-prompts", choices=pipelines.LONG_PROMPT_MODES, default="truncate",
+                   help="over 75 tokens: truncate (with a warning) or encode in chunks of 75 (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=1, help="images to make (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default: %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default: %(default)s)")
+    p.add_argument("-o", "--output", default="out.png", metavar="PATH",
+                   help="the PNG to write (default: %(default)s); with --num-images N > 1, STEM-0.png ... "
+                        "STEM-{N-1}.png next to it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return the exit status: 0 done, 2 the command line could not be
+    parsed, 1 anything else that went wrong, 130 interrupted. Errors and warnings are one line each."""
+    with warnings.catch_warnings():  # puts the usual warning printer back afterwards
+        warnings.showwarning = _show_warning
+        try:
+            return _run(build_parser().parse_args(argv))
+        except UsageError as err:
+            return _fail(err, status=2)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # any failure: one line, no traceback
+            return _fail(err, status=1)
+
+
+def _run(args: argparse.Namespace) -> int:
+    prompt = _prompt(args)
+    if args.checkpoint is None:
+        raise UsageError("no model given: pass --checkpoint PATH to an SD v1 .safetensors/.ckpt file or diffusers folder")
+    outputs = _output_paths(args.output, args.num_images)
+    seed = random.randrange(2**32) if args.seed == RANDOM_SEED else args.seed
+    if args.seed == RANDOM_SEED:
+        print(f"{PROG}: seed {seed}", file=sys.stderr)
+    settings = dict(steps=args.steps, guidance_scale=args.guidance, seed=seed, scheduler=args.scheduler,
+                    num_images=args.num_images, eta=args.eta, karras=args.karras, clip_skip=args.clip_skip,
+                    long_prompts=args.long_prompts)
+    _check_device(args.device)
+
+    sd = load(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
+    common = dict(height=args.height, width=args.width, progress=not args.quiet, **settings)
+    if args.command == "txt2img":
+        images = pipelines.txt2img(sd, prompt, args.negative_prompt, **common)
+    elif args.command == "img2img":
+        images = pipelines.img2img(sd, prompt, args.image, args.negative_prompt, strength=args.strength, **common)
+    else:
+        images = pipelines.inpaint(sd, prompt, args.image, args.mask, args.negative_prompt, strength=args.strength,
+                                   **common)
+    text = parameters_text(prompt, args.negative_prompt, settings, images[0].size, Path(args.checkpoint).stem,
+                           getattr(args, "strength", None))
+    for image, path in zip(images, outputs):
+        info = PngInfo()
+        info.add_text("parameters", text)
+        image.save(path, format="PNG", pnginfo=info)
+        print(path)
+    return 0
+
+
+def parameters_text(prompt: str, negative_prompt: str, settings: dict, size: tuple[int, int], model: str,
+                    strength: float | None = None) -> str:
+    """The `parameters` chunk as AUTOMATIC1111 writes it: the prompt, `Negative prompt: ...` (when
+    there is one), then one line of `Key: value` pairs. A1111 counts clip skip from 1 (1 = last layer)."""
+    sampler = A1111_SAMPLER_NAMES.get(settings["scheduler"], settings["scheduler"])
+    fields = {"Steps": settings["steps"], "Sampler": sampler + (" Karras" if settings["karras"] else ""),
+              "CFG scale": settings["guidance_scale"], "Seed": settings["seed"], "Size": f"{size[0]}x{size[1]}",
+              "Model": model}
+    if settings["num_images"] > 1:
+        fields["Batch size"] = settings["num_images"]  # one seed: the whole batch comes from one generator
+    if strength is not None:
+        fields["Denoising strength"] = strength
+    if settings["clip_skip"] > 0:
+        fields["Clip skip"] = settings["clip_skip"] + 1
+    lines = [prompt, f"Negative prompt: {negative_prompt}" if negative_prompt else None,
+             ", ".join(f"{key}: {value}" for key, value in fields.items())]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    if (args.prompt is None) == (args.prompt_option is None):
+        given = "both a prompt argument and --prompt" if args.prompt is not None else "no prompt"
+        raise UsageError(f"{given}: give the prompt exactly once, as an argument or with --prompt")
+    return args.prompt if args.prompt is not None else args.prompt_option
+
+
+def _seed(text: str) -> int:
+    """A torch.Generator seed (0 ≤ seed < 2**64) or -1."""
+    if not text.lstrip("-").isdigit() or not (int(text) == RANDOM_SEED or 0 <= int(text) < 2**64):
+        raise argparse.ArgumentTypeError(f"must be {RANDOM_SEED} (random) or an integer in [0, 2**64), got {text!r}")
+    return int(text)
+
+
+def _output_paths(output: str, num_images: int) -> list[Path]:
+    """`out.png` for one image; `out-0.png`, `out-1.png`, ... for several."""
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--output must be a .png file, got {output!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"--output: the folder {str(path.parent)!r} does not exist")
+    if num_images <= 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(num_images)]
+
+
+def _check_device(name: str) -> None:
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as err:  # a CPU-only torch asserts on "cuda"
+        raise ValueError(f"--device {name!r} cannot be used: {_one_line(err)}") from None
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def _fail(err: BaseException, status: int) -> int:
+    message = _one_line(err) or type(err).__name__
+    if not isinstance(err, (UsageError, ValueError, OSError, RuntimeError, FloatingPointError)):
+        message = f"{type(err).__name__}: {message}"  # an unexpected failure: name its kind
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)

@@ -1,0 +1,365 @@
+"""Samplers: from pure noise back to a clean latent, one UNet call per timestep.
+
+Mirrors `003 · 反向去噪（核心循环）`: start from noise z_T, ask the UNet for ε at each timestep, and
+take a step towards z_0. The forward process of `003 · 前向扩散过程`, in closed form, is written in
+one of two ways here:
+
+    alpha form   x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε         ddpm, ddim, pndm (and dpmpp_2m, see there)
+    sigma form   x   = x0 + σ ε,  σ = √((1−ᾱ_t)/ᾱ_t)    euler, euler_a (Karras et al. 2022)
+
+The sigma form's x is the alpha form's x_t / √ᾱ_t, and 1/√(σ²+1) = √ᾱ_t: that is why the UNet,
+trained on the alpha form, is fed `scale_model_input(x, i)` = x / √(σ²+1).
+
+Every sampler's `timesteps`, `sigmas` and steps equal those of diffusers' scheduler with SD v1.5's
+scheduler config (the tests check it), so both give the same image from the same noise. The loop:
+
+    x = noise * sampler.init_noise_sigma
+    for i, t in enumerate(sampler.timesteps):
+        eps = unet(sampler.scale_model_input(x, i), t, text)
+        x = sampler.step(eps, i, x, generator).prev_sample
+
+img2img starts part-way down the list, as diffusers' pipeline does: i0 = (steps − int(steps·strength))
+· order (at least 0), `sampler.start_at(i0)`, x = `sampler.add_noise(x0, noise, i0)` (no
+init_noise_sigma), then the same loop over i = i0, i0+1, …
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# SD v1's training schedule, `configs/stable-diffusion/v1-inference.yaml`: linear_start: 0.00085,
+# linear_end: 0.012, timesteps: 1000 (its "linear" is linear in √β: diffusers' "scaled_linear").
+BETA_START, BETA_END, TRAIN_STEPS = 0.00085, 0.012, 1000
+# SD v1.5's scheduler_config.json: steps_offset 1 shifts "leading" timesteps up by one (…, 41, 21, 1).
+STEPS_OFFSET = 1
+COSINE_S, MAX_BETA = 0.008, 0.999  # Nichol & Dhariwal 2021 eq. 17: the offset s, and β's cap
+KARRAS_RHO = 7.0  # Karras et al. 2022 eq. 5
+
+SAMPLERS = ("ddpm", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m")
+ALIASES = {"plms": "pndm"}  # the original SD scripts call PNDM's multistep half "plms"
+SIGMA_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
+
+
+def betas_for(schedule: str = "scaled_linear", n: int = TRAIN_STEPS,
+              beta_start: float = BETA_START, beta_end: float = BETA_END) -> Tensor:
+    """β_1 … β_n, the variance of the noise each training step adds (`003 · 噪声调度（Noise Schedule）`).
+
+    "scaled_linear" (SD v1): √β evenly spaced, then squared. "linear": β evenly spaced (DDPM).
+    "cosine": Nichol & Dhariwal 2021 eq. 17, ᾱ(t) = cos²((t/n + s)/(1 + s)·π/2), β_t = 1 − ᾱ(t)/ᾱ(t−1)
+    capped at 0.999 (diffusers' "squaredcos_cap_v2"). Computed as diffusers does, bit for bit.
+    """
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    if schedule == "cosine":
+        def alpha_bar(t: int) -> float:
+            return math.cos((t / n + COSINE_S) / (1 + COSINE_S) * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar(t + 1) / alpha_bar(t), MAX_BETA) for t in range(n)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(f"unknown schedule {schedule!r}; known: scaled_linear, linear, cosine")
+
+
+def spaced_timesteps(steps: int, spacing: str) -> Tensor:
+    """Which of the 1000 training timesteps to visit, largest first (Lin et al. 2023, Table 2).
+
+    "leading" (SD's default): multiples of 1000 // steps, plus the offset 1. "trailing": from 999
+    down in strides of 1000 / steps, rounded. diffusers builds the latter with np.arange; so do we,
+    numpy's way (1000 + k·((1000 − r) − 1000), ceil(1000/r) of them), so ties round alike.
+    """
+    if spacing == "leading":
+        return torch.arange(steps - 1, -1, -1) * (TRAIN_STEPS // steps) + STEPS_OFFSET
+    ratio = TRAIN_STEPS / steps
+    delta = (TRAIN_STEPS - ratio) - TRAIN_STEPS
+    k = torch.arange(math.ceil(TRAIN_STEPS / ratio), dtype=torch.float64)
+    return (TRAIN_STEPS + k * delta).round().long() - 1
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> Tensor:
+    """n noise levels from σ_max to σ_min, evenly spaced in σ^(1/ρ): Karras et al. 2022 eq. 5, ρ = 7."""
+    ramp = torch.from_numpy(np.linspace(0, 1, n))  # numpy's: torch's linspace differs in the last bit
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def timestep_of(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
+    """The (fractional) training timestep of each σ: t interpolated linearly against log σ.
+
+    In diffusers' dtypes (its `_sigma_to_t`): the log σ table in float32, the rest in float64. The
+    table is numpy's float32 log, as there: torch's differs in the last bit, which moves some t by one
+    float32 step.
+    """
+    log_table = torch.from_numpy(np.log(train_sigmas.numpy()))  # increasing with t
+    log_sigma = sigmas.double().clamp(min=1e-10).log()
+    low = (torch.searchsorted(log_table.double(), log_sigma, right=True) - 1).clamp(0, len(log_table) - 2)
+    w = ((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1])).clamp(0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """ε' drawn as diffusers' randn_tensor draws it, so one seeded generator gives the same noise."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+@dataclass
+class StepResult:
+    prev_sample: Tensor  # x at the next entry of `timesteps`
+    x0_pred: Tensor  # x̂₀, the clean latent that this step's ε implies
+
+
+class Sampler:
+    """A list of timesteps and the rule that moves x from one entry to the next (see the module doc)."""
+
+    order = 1  # diffusers' `order` (1 for all six), used to slice the list for img2img
+    sigmas: Tensor | None = None
+    init_noise_sigma = 1.0
+
+    def __init__(self, alpha_bar: Tensor, timesteps: Tensor):
+        self.alpha_bar, self.timesteps = alpha_bar, timesteps
+        self.begin = 0
+
+    def start_at(self, i: int) -> None:
+        """Make index i the first step (img2img): multistep samplers warm up again from there."""
+        self.begin = i
+
+    def scale_model_input(self, x: Tensor, i: int) -> Tensor:
+        return x
+
+    def add_noise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
+        """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε at t = timesteps[i] (`003 · 前向扩散过程`, in closed form)."""
+        alpha_bar_t = self.alpha_bar.to(x0)[self.timesteps[i]]
+        return alpha_bar_t**0.5 * x0 + (1 - alpha_bar_t) ** 0.5 * noise
+
+    def step(self, eps: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> StepResult:
+        raise NotImplementedError
+
+
+def x0_from_eps(x: Tensor, eps: Tensor, alpha_bar_t: Tensor) -> Tensor:
+    """x̂₀ = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t: the forward process solved for x0."""
+    return (x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+
+
+class DDPM(Sampler):
+    def step(self, eps, i, x, generator=None):
+        """Ancestral sampling: DDPM (Ho et al. 2020) eq. 6-7, Algorithm 2, over a strided list.
+
+        For the jump t → t' (the next entry; ᾱ_t' = 1 after the last), α_t = ᾱ_t/ᾱ_t', β_t = 1 − α_t:
+            x_t' = √ᾱ_t' β_t/(1−ᾱ_t) x̂₀ + √α_t (1−ᾱ_t')/(1−ᾱ_t) x_t + σ_t ε',   σ_t² = (1−ᾱ_t')/(1−ᾱ_t) β_t
+        With x̂₀ substituted this is `003 · 反向去噪（核心循环）`'s x_t' = (x_t − β_t/√(1−ᾱ_t) ε)/√α_t + σ_t ε',
+        ε' omitted at t = 0. (SD's last t is 1: σ_t = 0 there, but ε' is drawn, as diffusers draws it.)
+        """
+        t = int(self.timesteps[i])
+        alpha_bar_t = self.alpha_bar[t]
+        is_last = i + 1 == len(self.timesteps)
+        alpha_bar_prev = torch.tensor(1.0) if is_last else self.alpha_bar[self.timesteps[i + 1]]
+        alpha_t = alpha_bar_t / alpha_bar_prev
+        beta_t = 1 - alpha_t
+        x0_pred = x0_from_eps(x, eps, alpha_bar_t)
+        x_prev = (alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)) * x0_pred + (
+            alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x
+        if t > 0:
+            sigma_t = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t) ** 0.5
+            x_prev = x_prev + sigma_t * _randn_like(x, generator)
+        return StepResult(x_prev, x0_pred)
+
+
+class _StridedSampler(Sampler):
+    """DDIM and PNDM go from t to t' = t − 1000 // steps whatever the spacing (as diffusers), and
+    past t = 0 to ᾱ_0, not to 1 (SD v1's set_alpha_to_one=False)."""
+
+    def __init__(self, alpha_bar: Tensor, timesteps: Tensor, steps: int):
+        super().__init__(alpha_bar, timesteps)
+        self.stride = TRAIN_STEPS // steps
+
+    def alpha_bars(self, t: int, t_prev: int) -> tuple[Tensor, Tensor]:
+        return self.alpha_bar[t], self.alpha_bar[max(t_prev, 0)]
+
+
+class DDIM(_StridedSampler):
+    def __init__(self, alpha_bar: Tensor, timesteps: Tensor, steps: int, eta: float):
+        super().__init__(alpha_bar, timesteps, steps)
+        self.eta = eta
+
+    def step(self, eps, i, x, generator=None):
+        """DDIM (Song et al. 2021) eq. 12, σ_t(η) of eq. 16 (η = 0: deterministic; η = 1: DDPM-like).
+
+            x_t' = √ᾱ_t' x̂₀ + √(1 − ᾱ_t' − σ_t²) ε + σ_t ε',  σ_t = η √((1−ᾱ_t')/(1−ᾱ_t) · (1 − ᾱ_t/ᾱ_t'))
+        """
+        t = int(self.timesteps[i])
+        alpha_bar_t, alpha_bar_prev = self.alpha_bars(t, t - self.stride)
+        x0_pred = x0_from_eps(x, eps, alpha_bar_t)
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+        sigma_t = self.eta * variance**0.5
+        x_prev = alpha_bar_prev**0.5 * x0_pred + (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps
+        if self.eta > 0:
+            x_prev = x_prev + sigma_t * _randn_like(x, generator)
+        return StepResult(x_prev, x0_pred)
+
+
+def adams_bashforth(eps_history: list[Tensor]) -> Tensor:
+    """ε' from the last 1-4 ε's (newest last), Adams–Bashforth weights: PNDM eq. 12 once there are 4."""
+    e = eps_history
+    if len(e) == 1:
+        return e[-1]
+    if len(e) == 2:
+        return (3 * e[-1] - e[-2]) / 2
+    if len(e) == 3:
+        return (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
+    return (1 / 24) * (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4])
+
+
+class PNDM(_StridedSampler):
+    def step(self, eps, i, x, generator=None):
+        """PLMS, the linear multistep half of PNDM (Liu et al. 2022): eq. 12's ε', then eq. 9's transfer
+
+            x_t' = √(ᾱ_t'/ᾱ_t) x_t − (ᾱ_t' − ᾱ_t) ε' / (ᾱ_t √(1−ᾱ_t') + √(ᾱ_t (1−ᾱ_t) ᾱ_t'))
+        (the DDIM η=0 step, rearranged). The first step costs two UNet calls, hence its repeated timestep:
+        an Euler step to t', then the same step again with the mean of both ε's (pseudo improved Euler).
+        """
+        t, k = int(self.timesteps[i]), i - self.begin  # k: steps since the start
+        if k == 1:  # the first step again, from the same x and t, with the mean slope
+            t, t_prev, x = t + self.stride, t, self.x_first
+            eps_prime = (eps + self.eps_history[-1]) / 2
+        else:
+            if k == 0:
+                self.eps_history, self.x_first = [], x
+            self.eps_history = self.eps_history[-3:] + [eps]
+            t_prev, eps_prime = t - self.stride, adams_bashforth(self.eps_history)
+        alpha_bar_t, alpha_bar_prev = self.alpha_bars(t, t_prev)
+        denominator = alpha_bar_t * (1 - alpha_bar_prev) ** 0.5 + (
+            alpha_bar_t * (1 - alpha_bar_t) * alpha_bar_prev) ** 0.5
+        x_prev = ((alpha_bar_prev / alpha_bar_t) ** 0.5 * x
+                  - (alpha_bar_prev - alpha_bar_t) * eps_prime / denominator)
+        return StepResult(x_prev, x0_from_eps(x, eps_prime, alpha_bar_t))
+
+
+class _SigmaSampler(Sampler):
+    """Steps in the sigma form x = x0 + σ ε; `sigmas` ends with 0, the clean latent."""
+
+    def __init__(self, alpha_bar: Tensor, timesteps: Tensor, sigmas: Tensor, spacing: str):
+        super().__init__(alpha_bar, timesteps)
+        self.sigmas = sigmas
+        sigma_max = sigmas.max()
+        # x's std at σ_max if the clean latent has unit variance, √(σ_max²+1); diffusers assumes so
+        # for "leading" (whose σ_max is below the schedule's) and takes plain σ_max for "trailing".
+        self.init_noise_sigma = float((sigma_max**2 + 1) ** 0.5 if spacing == "leading" else sigma_max)
+
+    def scale_model_input(self, x, i):
+        return x / ((self.sigmas[i] ** 2 + 1) ** 0.5)
+
+    def add_noise(self, x0, noise, i):
+        """x = x0 + σ_i ε."""
+        return x0 + noise * self.sigmas.to(x0)[i]
+
+
+class Euler(_SigmaSampler):
+    def step(self, eps, i, x, generator=None):
+        """Euler's method on dx/dσ = (x − x̂₀)/σ: Karras et al. 2022 Algorithm 2 without churn (γ = 0)."""
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x0_pred = x - sigma * eps
+        d = (x - x0_pred) / sigma
+        return StepResult(x + d * (sigma_next - sigma), x0_pred)
+
+
+class EulerAncestral(_SigmaSampler):
+    def step(self, eps, i, x, generator=None):
+        """k-diffusion's sample_euler_ancestral (η = 1): an Euler step down to σ_down, then fresh noise
+        of std σ_up, where σ_up² = σ_next² (σ² − σ_next²)/σ² and σ_down² + σ_up² = σ_next²."""
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x0_pred = x - sigma * eps
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        d = (x - x0_pred) / sigma
+        x_next = x + d * (sigma_down - sigma)
+        return StepResult(x_next + _randn_like(x, generator) * sigma_up, x0_pred)
+
+
+def alpha_sigma_lambda(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """At noise level σ, the alpha form's α = √ᾱ = 1/√(σ²+1), σ_t = √(1−ᾱ) = σα, and λ = log(α/σ_t)."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    sigma_t = sigma * alpha
+    return alpha, sigma_t, torch.log(alpha) - torch.log(sigma_t)
+
+
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M) on diffusers' terms: a list of σ's, but x in the alpha form, so
+    init_noise_sigma is 1, the UNet's input is x itself and add_noise is √ᾱ x0 + √(1−ᾱ) ε."""
+
+    def __init__(self, alpha_bar: Tensor, timesteps: Tensor, sigmas: Tensor):
+        super().__init__(alpha_bar, timesteps)
+        self.sigmas = sigmas
+
+    def add_noise(self, x0, noise, i):
+        alpha, sigma_t, _ = alpha_sigma_lambda(self.sigmas.to(x0)[i])
+        return alpha * x0 + sigma_t * noise
+
+    def step(self, eps, i, x, generator=None):
+        """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: from level s = sigmas[i] to t = sigmas[i+1],
+
+            h = λ_t − λ_s,  x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) (x̂₀ + (x̂₀ − x̂₀_prev)/(2r)),  r = h_prev/h
+        first order (no x̂₀_prev term) on the first step since the start and on the last step.
+        """
+        alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(self.sigmas[i])
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[i + 1])
+        x0_pred = (x - sigma_s * eps) / alpha_s
+        h = lambda_t - lambda_s
+        x_next = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0_pred
+        if self.begin < i < len(self.timesteps) - 1:
+            r = (lambda_s - alpha_sigma_lambda(self.sigmas[i - 1])[2]) / h
+            x_next = x_next - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * ((1 / r) * (x0_pred - self.x0_prev))
+        self.x0_prev = x0_pred
+        return StepResult(x_next, x0_pred)
+
+
+def make_sampler(name: str, steps: int, *, schedule: str = "scaled_linear", spacing: str = "leading",
+                 karras: bool = False, eta: float = 0.0) -> Sampler:
+    """The sampler `name` over `steps` steps, its schedule equal to diffusers' for SD v1.5's config.
+
+    karras: σ's spaced by Karras et al. 2022 eq. 5 (sigma samplers only). eta: DDIM's η.
+    """
+    name = ALIASES.get(name, name)
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)} (plms = pndm)")
+    if not 1 <= steps <= TRAIN_STEPS:
+        raise ValueError(f"steps must be between 1 and {TRAIN_STEPS}, got {steps}")
+    if spacing not in ("leading", "trailing"):
+        raise ValueError(f"unknown spacing {spacing!r}; known: leading, trailing")
+    if karras and name not in SIGMA_SAMPLERS:
+        raise ValueError(f"karras=True spaces σ's: it needs one of {', '.join(SIGMA_SAMPLERS)}, not {name}")
+    if eta and name != "ddim":
+        raise ValueError(f"eta is DDIM's; {name} has none")
+
+    alpha_bar = torch.cumprod(1.0 - betas_for(schedule), dim=0)
+    timesteps = spaced_timesteps(steps, spacing)
+    if name == "ddpm":
+        return DDPM(alpha_bar, timesteps)
+    if name == "ddim":
+        return DDIM(alpha_bar, timesteps, steps, eta)
+    if name == "pndm":  # the second timestep twice: the first step's two UNet calls
+        return PNDM(alpha_bar, torch.cat([timesteps[:1], timesteps[1:2], timesteps[1:]]), steps)
+
+    train_sigmas = ((1 - alpha_bar) / alpha_bar) ** 0.5
+    last = torch.zeros(1, dtype=torch.float64)
+    if name == "dpmpp_2m":  # its "leading" divides 1000 by steps + 1 and drops the last (t = 1)
+        if spacing == "leading":
+            timesteps = spaced_timesteps(steps + 1, "leading")[:-1]
+        if karras:  # between the training schedule's own σ_min, σ_max; t rounded to integers
+            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
+            timesteps = timestep_of(sigmas, train_sigmas).round().long()
+        else:
+            sigmas = train_sigmas[timesteps.clamp(0, TRAIN_STEPS - 1)].double()
+        return DPMSolverPP2M(alpha_bar, timesteps, torch.cat([sigmas, last]).float())
+
+    # t outside 0..999 (leading's 1000 at 1000 steps) takes the end σ, as np.interp does in diffusers
+    sigmas = train_sigmas[timesteps.clamp(0, TRAIN_STEPS - 1)].double()
+    if karras:  # between the σ's of the first and last timestep; t stays fractional
+        sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
+        timesteps = timestep_of(sigmas, train_sigmas)
+    cls = Euler if name == "euler" else EulerAncestral
+    return cls(alpha_bar, timesteps.float(), torch.cat([sigmas, last]).float(), spacing)
