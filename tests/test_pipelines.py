@@ -86,7 +86,7 @@ def test_txt2img_matches_diffusers(ours, tiny_models, tiny_checkpoint, scheduler
     assert_close_images(as_uint8(images), reference_uint8(expected))
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+@pytest.mark.parametrize("scheduler", SAMPLERS)
 def test_img2img_matches_diffusers(ours, tiny_models, tiny_checkpoint, scheduler):
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -100,13 +100,20 @@ def test_img2img_matches_diffusers(ours, tiny_models, tiny_checkpoint, scheduler
     assert_close_images(as_uint8(images), reference_uint8(expected))
 
 
-@pytest.mark.parametrize("channels,strength,scheduler", [(9, 1.0, "ddim"), (9, 0.7, "euler"), (4, 1.0, "ddim"),
-                                                         (4, 0.75, "dpmpp_2m")])
-def test_inpaint_matches_diffusers(tiny_models, tmp_path, channels, strength, scheduler):
+@pytest.fixture(scope="module")
+def inpainting_checkpoint(tiny_models, tiny_checkpoint, tmp_path_factory):
+    """{4: (reference models, folder), 9: ...}: the ordinary and the 9-channel inpainting UNet."""
+    models = make_reference_models("tiny", inpainting=True)
+    return {4: (tiny_models, tiny_checkpoint["folder"]),
+            9: (models, write_diffusers_folder(models, tmp_path_factory.mktemp("inpaint") / "sd"))}
+
+
+@pytest.mark.parametrize("channels,strength", [(9, 1.0), (9, 0.7), (4, 1.0), (4, 0.75)])
+@pytest.mark.parametrize("scheduler", SAMPLERS)
+def test_inpaint_matches_diffusers(inpainting_checkpoint, channels, strength, scheduler):
     from diffusers import StableDiffusionInpaintPipeline
 
-    models = tiny_models if channels == 4 else make_reference_models("tiny", inpainting=True)
-    folder = write_diffusers_folder(models, tmp_path / "sd")
+    models, folder = inpainting_checkpoint[channels]
     ours = sd_scratch.load(folder)
     ref = reference_pipeline(StableDiffusionInpaintPipeline, models, folder / "tokenizer", scheduler)
     image, mask = make_image(3), make_mask()
