@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .attention import attention
+
 # The sinusoid's longest period, as in "Attention is all you need" and the LDM code (max_period).
 MAX_PERIOD = 10_000
 # SD v1 uses 8 attention heads at every level (v1-inference.yaml `num_heads: 8`). A checkpoint does
@@ -150,6 +152,7 @@ class Attention(nn.Module):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
+        self.slice_size: int | None = None  # queries per slice (attention slicing); None = all at once
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -160,7 +163,7 @@ class Attention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # (B, T, heads·d) -> (B, heads, T, d)
         q, k, v = (rearrange(a, "b t (h d) -> b h t d", h=self.heads) for a in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.slice_size)
         return self.to_out[0](rearrange(out, "b h t d -> b t (h d)"))
 
 
