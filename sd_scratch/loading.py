@@ -48,6 +48,8 @@ EMA_SCALARS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
 # CLIP's position ids are a buffer in transformers; we rebuild them as integers 0..76. Some merged
 # checkpoints store them as floats, which would index wrongly, so the stored copy is never used.
 POSITION_IDS = "embeddings.position_ids"
+# The built-in model (`weights/README.md`): what `load()` reads when it is given no path.
+BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes.safetensors"
 SD2_CONTEXT_DIM = 1024  # SD 2.x conditions on OpenCLIP ViT-H/14, 1024 wide
 SD2_REFUSAL = "it is an SD 2.x checkpoint ({why}), which sd-scratch does not support yet (SD v1.x only)"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -73,10 +75,11 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32, *,
+def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32, *,
          use_ema: bool = True, variant: str | None = None, strict: bool = True,
          vae_dtype: torch.dtype | str | None = None) -> StableDiffusion:
-    """Load an SD v1.x checkpoint: a single `.safetensors`/`.ckpt` file or a diffusers folder.
+    """Load an SD v1.x checkpoint: a single `.safetensors`/`.ckpt` file or a diffusers folder; with no
+    path, the built-in 64×64 shapes model (BUILTIN_MODEL, trained by scripts/train_tiny.py).
 
     use_ema: when a single file holds both the EMA and the raw UNet weights (e.g. `v1-5-pruned.ckpt`),
         take the EMA copy (True, the default: the weights the released samples were made with) or
@@ -87,7 +90,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     vae_dtype: the VAE's dtype; by default `dtype`, except float32 when `dtype` is fp16 (the SD VAE
         overflows in fp16 and decodes NaN, i.e. black images).
     """
-    path = Path(path)
+    path = Path(path) if path is not None else BUILTIN_MODEL
     dtype = _as_dtype(dtype)
     vae_dtype = _as_dtype(vae_dtype) if vae_dtype is not None else None
     if path.is_dir():
@@ -128,11 +131,13 @@ def _read_single_file(path: Path, use_ema: bool, strict: bool):
 
 def from_single_file_state_dict(sd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                                 dtype: torch.dtype | str = torch.float32, *, use_ema: bool = True,
-                                strict: bool = True, source: str = "<state dict>") -> StableDiffusion:
-    """`load` for tensors already in memory under the single-file (CompVis) names."""
+                                strict: bool = True, vae_dtype: torch.dtype | str | None = None,
+                                source: str = "<state dict>") -> StableDiffusion:
+    """`load` for tensors already in memory under the single-file (CompVis) names. The parts take
+    the given tensors as their parameters (no copy where device and dtype already match)."""
     report = LoadReport(source, "single-file")
     parts, report = _parts_from_single_file(sd, Path(source), use_ema, strict, report)
-    return _assemble(parts, report, device, _as_dtype(dtype))
+    return _assemble(parts, report, device, _as_dtype(dtype), _as_dtype(vae_dtype) if vae_dtype else None)
 
 
 def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bool, strict: bool,

@@ -1,0 +1,161 @@
+"""Speed and memory, ours against diffusers, side by side in one process on the same weights.
+
+Random weights at the full SD v1.5 sizes (or tiny ones for a smoke test), the same inputs for both,
+runs interleaved (ours, reference, ours, ...) after a warm-up so that a noisy shared machine slows
+both alike; medians; the ratio ours / diffusers is the figure to read, not the absolute times.
+Peak memory is measured on CUDA only (torch.cuda.max_memory_allocated).
+
+    python scripts/benchmark.py                                  # CPU fp32, SD v1.5 sizes
+    python scripts/benchmark.py --size tiny --repeats 2          # the CI smoke test
+    python scripts/benchmark.py --device cuda --modes fp16 fp16-compiled bf16 --json gpu.json
+
+Needs the test extra (diffusers, transformers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sd_scratch  # noqa: E402
+from sd_scratch.loading import from_single_file_state_dict  # noqa: E402
+from tests.reference import (SD15_SCHEDULER, make_reference_models, single_file_layout,  # noqa: E402
+                             write_tokenizer_folder)
+
+MODES = {"fp32": (torch.float32, False), "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False),
+         "fp16-compiled": (torch.float16, True), "fp32-compiled": (torch.float32, True)}
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> tuple[float, int | None]:
+    """Seconds for one call, and the peak CUDA memory it reached (None on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    seconds = time.perf_counter() - start
+    return seconds, (torch.cuda.max_memory_allocated() if device.startswith("cuda") else None)
+
+
+def compare(name: str, ours, reference, device: str, warmup: int, repeats: int) -> dict:
+    """Interleaved runs of the two callables; medians, peak memory and the ratio."""
+    for _ in range(warmup):
+        ours(), reference()
+    times = {"ours": [], "diffusers": []}
+    memory = {"ours": 0, "diffusers": 0}
+    for _ in range(repeats):
+        for who, fn in (("ours", ours), ("diffusers", reference)):
+            seconds, peak = timed(fn, device)
+            times[who].append(seconds)
+            memory[who] = max(memory[who], peak or 0)
+    row = {"what": name, **{f"{who}_s": statistics.median(t) for who, t in times.items()}}
+    row["ratio"] = row["ours_s"] / row["diffusers_s"]
+    if device.startswith("cuda"):
+        row |= {"ours_peak_gb": memory["ours"] / 2**30, "diffusers_peak_gb": memory["diffusers"] / 2**30,
+                "memory_ratio": memory["ours"] / max(memory["diffusers"], 1)}
+    return row
+
+
+def build(size: str, device: str, dtype: torch.dtype, compiled: bool, tmp: Path):
+    """Ours and diffusers' pipeline on the same random weights."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    models = make_reference_models(size)
+    ours = from_single_file_state_dict(single_file_layout(models), device=device, dtype=dtype, vae_dtype=dtype)
+    write_tokenizer_folder(sd_scratch.tokenizer.DEFAULT_BPE_PATH, tmp / "tokenizer")
+    tokenizer = CLIPTokenizer(str(tmp / "tokenizer" / "vocab.json"), str(tmp / "tokenizer" / "merges.txt"),
+                              model_max_length=77)
+    ref = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
+                                  unet=models["unet"], scheduler=DDIMScheduler.from_config(dict(SD15_SCHEDULER, clip_sample=False)),
+                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref = ref.to(device=device, dtype=dtype)
+    ref.set_progress_bar_config(disable=True)
+    if compiled:
+        ours.optimize()
+        ref.unet.to(memory_format=torch.channels_last)
+        ref.unet = torch.compile(ref.unet)
+    return ours, ref
+
+
+def run_mode(mode: str, args, tmp: Path) -> list[dict]:
+    dtype, compiled = MODES[mode]
+    device = args.device
+    ours, ref = build(args.size, device, dtype, compiled, tmp)
+    width = ours.text_encoder.config.width
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for pixels in args.unet_sizes:
+            h = pixels // ours.vae.config.factor
+            x = torch.randn(2, 4, h, h, generator=g).to(device, dtype)  # batch 2: CFG's two halves
+            context = torch.randn(2, 77, width, generator=g).to(device, dtype)
+            t = torch.tensor([500, 500], device=device)
+            rows.append(compare(f"UNet step, CFG batch 2, {pixels}×{pixels}",
+                                lambda: ours.unet(x, t, context),
+                                lambda: ref.unet(x, t, encoder_hidden_states=context), device, args.warmup,
+                                args.repeats))
+        ids = ours.tokenizer([PROMPT, ""]).to(device)
+        rows.append(compare("text encoder, batch 2", lambda: ours.text_encoder(ids),
+                            lambda: ref.text_encoder(ids), device, args.warmup, args.repeats))
+        h = args.decode_size // ours.vae.config.factor
+        z = torch.randn(1, 4, h, h, generator=g).to(device, dtype)
+        rows.append(compare(f"VAE decode, {args.decode_size}×{args.decode_size}", lambda: ours.vae.decode(z),
+                            lambda: ref.vae.decode(z).sample, device, args.warmup, args.repeats))
+    size = args.image_size
+    rows.append(compare(f"whole image, {args.image_steps} DDIM steps, {size}×{size}",
+                        lambda: ours.txt2img(PROMPT, height=size, width=size, steps=args.image_steps, progress=False),
+                        lambda: ref(PROMPT, height=size, width=size, num_inference_steps=args.image_steps,
+                                    generator=torch.Generator("cpu").manual_seed(0)),
+                        device, min(args.warmup, 1), max(1, args.repeats // 2)))
+    return [dict(row, mode=mode) for row in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["fp32"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--unet-sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--decode-size", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-steps", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes:
+            rows += run_mode(mode, args, Path(tmp))
+    print(f"{'mode':<14} {'what':<44} {'ours s':>9} {'diffusers s':>11} {'ratio':>6}")
+    for r in rows:
+        memory = f"   peak GB {r['ours_peak_gb']:.2f} vs {r['diffusers_peak_gb']:.2f}" if "ours_peak_gb" in r else ""
+        print(f"{r['mode']:<14} {r['what']:<44} {r['ours_s']:>9.4f} {r['diffusers_s']:>11.4f} {r['ratio']:>6.2f}{memory}")
+    if args.json:
+        environment = {"torch": torch.__version__, "device": args.device, "size": args.size,
+                       "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                       "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+        args.json.write_text(json.dumps({"environment": environment, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
