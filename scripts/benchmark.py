@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sd_scratch  # noqa: E402
+from sd_scratch.tokenizer import DEFAULT_BPE_PATH  # noqa: E402
 from sd_scratch.loading import from_single_file_state_dict  # noqa: E402
 from tests.reference import (SD15_SCHEDULER, make_reference_models, single_file_layout,  # noqa: E402
                              write_tokenizer_folder)
@@ -78,7 +78,7 @@ def build(size: str, device: str, dtype: torch.dtype, compiled: bool, tmp: Path)
 
     models = make_reference_models(size)
     ours = from_single_file_state_dict(single_file_layout(models), device=device, dtype=dtype, vae_dtype=dtype)
-    write_tokenizer_folder(sd_scratch.tokenizer.DEFAULT_BPE_PATH, tmp / "tokenizer")
+    write_tokenizer_folder(DEFAULT_BPE_PATH, tmp / "tokenizer")
     tokenizer = CLIPTokenizer(str(tmp / "tokenizer" / "vocab.json"), str(tmp / "tokenizer" / "merges.txt"),
                               model_max_length=77)
     ref = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
