@@ -20,11 +20,12 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from . import pipelines
-from .loading import load
+from .loading import BUILTIN_MODEL, load
 from .schedulers import SAMPLERS
 
 PROG = "sd-scratch"
-DEFAULT_CHECKPOINT: str | None = None  # no built-in model yet, so --checkpoint is required
+DEFAULT_CHECKPOINT = str(BUILTIN_MODEL)  # the built-in shapes model, weights/README.md
+BUILTIN_SIZE = 64  # the built-in model draws 64×64 images; other checkpoints default to 512×512
 RANDOM_SEED = -1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Our sampler names -> the names AUTOMATIC1111 writes in "Sampler:".
@@ -59,15 +60,16 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--prompt", dest="prompt_option", metavar="TEXT", help="the prompt, instead of the positional one")
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to steer away from")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="PATH",
-                   help="SD v1 weights: a .safetensors/.ckpt file or a diffusers folder")
+                   help="SD v1 weights: a .safetensors/.ckpt file or a diffusers folder (default: the built-in "
+                        "64×64 shapes model)")
     if command != "txt2img":
         p.add_argument("--image", required=True, metavar="PATH", help="the input image")
     if command == "inpaint":
         p.add_argument("--mask", required=True, metavar="PATH", help="white = repaint, black = keep")
-    size_default = 512 if command == "txt2img" else None
-    size_help = "a multiple of 8 (default: %(default)s)" if size_default else "a multiple of 8 (default: the image's)"
-    p.add_argument("--height", type=int, default=size_default, help=size_help)
-    p.add_argument("--width", type=int, default=size_default, help=size_help)
+    size_help = ("a multiple of 8 (default: 512, or 64 for the built-in model)" if command == "txt2img"
+                 else "a multiple of 8 (default: the image's)")
+    p.add_argument("--height", type=int, default=None, help=size_help)
+    p.add_argument("--width", type=int, default=None, help=size_help)
     if command != "txt2img":
         p.add_argument("--strength", type=float, default=0.8 if command == "img2img" else 1.0,
                        help="how much to change the image, in (0, 1] (default: %(default)s)")
@@ -87,6 +89,8 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("-o", "--output", default="out.png", metavar="PATH",
                    help="the PNG to write (default: %(default)s); with --num-images N > 1, STEM-0.png ... "
                         "STEM-{N-1}.png next to it")
+    p.add_argument("--fast", action="store_true",
+                   help="channels_last + torch.compile for the UNet (the first step compiles, slowly)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -108,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     prompt = _prompt(args)
-    if args.checkpoint is None:
-        raise UsageError("no model given: pass --checkpoint PATH to an SD v1 .safetensors/.ckpt file or diffusers folder")
     outputs = _output_paths(args.output, args.num_images)
     seed = random.randrange(2**32) if args.seed == RANDOM_SEED else args.seed
     if args.seed == RANDOM_SEED:
@@ -120,6 +122,11 @@ def _run(args: argparse.Namespace) -> int:
     _check_device(args.device)
 
     sd = load(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
+    if args.fast:
+        sd.optimize()
+    if args.command == "txt2img":
+        size = BUILTIN_SIZE if args.checkpoint == DEFAULT_CHECKPOINT else 512
+        args.height, args.width = args.height or size, args.width or size
     common = dict(height=args.height, width=args.width, progress=not args.quiet, **settings)
     if args.command == "txt2img":
         images = pipelines.txt2img(sd, prompt, args.negative_prompt, **common)

@@ -169,7 +169,6 @@ BAD_INPUTS = {
     "steps × strength < 1": ("img2img", {"--steps": 3, "--strength": 0.1}, 1, "strength"),
     "negative guidance": ("txt2img", {"--guidance": -1}, 1, "guidance"),
     "unknown scheduler": ("txt2img", {"--scheduler": "heun"}, 2, "--scheduler"),
-    "no checkpoint": ("txt2img", {"--checkpoint": None}, 2, "--checkpoint"),
     "checkpoint missing": ("txt2img", {"--checkpoint": "{tmp}/nothing.safetensors"}, 1, "nothing.safetensors"),
     "corrupt checkpoint": ("txt2img", {"--checkpoint": "{text}"}, 1, "notes.safetensors"),
     "img2img without --image": ("img2img", {"--image": None}, 2, "--image"),
