@@ -147,7 +147,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = rearrange(self.group_norm(x), "b c h w -> b (h w) c")  # (B, C, H, W) -> (B, HW, C)
-        y = attention(self.to_q(h), self.to_k(h), self.to_v(h), self.slice_size)
+        q, k, v = (a[:, None] for a in (self.to_q(h), self.to_k(h), self.to_v(h)))  # one head: (B, 1, HW, C)
+        y = attention(q, k, v, self.slice_size)[:, 0]
         return x + rearrange(self.to_out[0](y), "b (h w) c -> b c h w", h=H, w=W)
 
 
