@@ -236,8 +236,12 @@ def decode(sd: StableDiffusion, latents: torch.Tensor) -> list[Image.Image]:
     return tensor_to_images(images)
 
 
-def _start(sd, prompt, negative_prompt, s: GenerationSettings):
-    """Seed, embeddings and generator shared by the three pipelines."""
+def _start(sd, prompt, negative_prompt, s: GenerationSettings, strength: float = 1.0):
+    """What the three pipelines share: the checks, the seeded generator, the text embeddings, and the
+    sampler with the index of its first step (0, or later for img2img/inpainting with strength < 1).
+    Returns (batch, context, generator, sampler, begin)."""
+    s.check(sd.vae.config.factor)
+    first = _check_strength(strength, s.steps)
     prompts = _as_list(prompt, "prompt")
     negatives = _as_list(negative_prompt, "negative_prompt")
     if len(negatives) == 1:
@@ -248,7 +252,10 @@ def _start(sd, prompt, negative_prompt, s: GenerationSettings):
         s.seed = random.randrange(2**32)
     generator = torch.Generator("cpu").manual_seed(s.seed)
     context = encode_prompts(sd, prompts, negatives, s)
-    return len(prompts) * s.num_images, context, generator
+    sampler = make_sampler(s.scheduler, s.steps, karras=s.karras, eta=s.eta)
+    begin = first * sampler.order
+    sampler.start_at(begin)
+    return len(prompts) * s.num_images, context, generator, sampler, begin
 
 
 @torch.no_grad()
@@ -257,10 +264,8 @@ def txt2img(sd: StableDiffusion, prompt: str | list[str], negative_prompt: str |
     """Text to image. `settings`: steps, guidance_scale, seed, scheduler, num_images, eta, karras,
     clip_skip, long_prompts (see GenerationSettings)."""
     s = GenerationSettings(height=height, width=width, **settings)
+    batch, context, generator, sampler, _ = _start(sd, prompt, negative_prompt, s)
     factor = sd.vae.config.factor
-    s.check(factor)
-    batch, context, generator = _start(sd, prompt, negative_prompt, s)
-    sampler = make_sampler(s.scheduler, s.steps, karras=s.karras, eta=s.eta)
     x = _randn((batch, sd.unet.config.out_channels, height // factor, width // factor), generator, sd)
     x = x * sampler.init_noise_sigma
     x = denoise(sd, sampler, x, context, s, generator, callback=callback, progress=progress)
@@ -283,15 +288,9 @@ def img2img(sd: StableDiffusion, prompt: str | list[str], image, negative_prompt
             progress: bool = True, **settings) -> list[Image.Image]:
     """SDEdit: encode `image`, noise it to the step `strength` picks (1 = pure noise), denoise from there."""
     s = GenerationSettings(height=height, width=width, **settings)
-    s.check(sd.vae.config.factor)
     image = _open_image(image, "image")
-    first = _check_strength(strength, s.steps)
+    batch, context, generator, sampler, begin = _start(sd, prompt, negative_prompt, s, strength)
     height, width = _default_size(image, s, sd.vae.config.factor)
-    batch, context, generator = _start(sd, prompt, negative_prompt, s)
-    sampler = make_sampler(s.scheduler, s.steps, karras=s.karras, eta=s.eta)
-    begin = first * sampler.order
-    sampler.start_at(begin)
-
     x0 = _vae_encode_sample(sd, image_to_tensor(image, height, width), generator).repeat(batch, 1, 1, 1)
     noise = _randn(x0.shape, generator, sd)
     x = sampler.add_noise(x0, noise, begin)
@@ -304,23 +303,18 @@ def inpaint(sd: StableDiffusion, prompt: str | list[str], image, mask, negative_
             strength: float = 1.0, height: int | None = None, width: int | None = None, callback=None,
             progress: bool = True, **settings) -> list[Image.Image]:
     """Repaint where `mask` is white, keep where it is black."""
+    if sd.unet.config.in_channels not in (4, 9):
+        raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {sd.unet.config.in_channels}")
     s = GenerationSettings(height=height, width=width, **settings)
-    factor = sd.vae.config.factor
-    s.check(factor)
     image, mask = _open_image(image, "image"), _open_image(mask, "mask")
     if mask.size != image.size:
         warnings.warn(f"mask is {mask.width}×{mask.height} but image is {image.width}×{image.height}; "
                       "the mask is resized to the image", stacklevel=2)
         mask = mask.resize(image.size, Image.LANCZOS)
-    first = _check_strength(strength, s.steps)
+    batch, context, generator, sampler, begin = _start(sd, prompt, negative_prompt, s, strength)
+    factor = sd.vae.config.factor
     height, width = _default_size(image, s, factor)
-    batch, context, generator = _start(sd, prompt, negative_prompt, s)
-    sampler = make_sampler(s.scheduler, s.steps, karras=s.karras, eta=s.eta)
-    begin = first * sampler.order
-    sampler.start_at(begin)
     nine_channels = sd.unet.config.in_channels == 9
-    if sd.unet.config.in_channels not in (4, 9):
-        raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {sd.unet.config.in_channels}")
 
     pixels = image_to_tensor(image, height, width)
     m = mask_to_tensor(mask, height, width)  # (1, 1, H, W), 1 = repaint
