@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .schedulers import SAMPLERS, make_sampler
 from .tokenizer import CONTEXT_LENGTH, END_OF_TEXT, START_OF_TEXT

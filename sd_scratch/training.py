@@ -162,8 +162,9 @@ class DiffusionLoss(nn.Module):
     def forward(self, x0: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x0: scaled latents (B, 4, h, w); ids: token ids (B, 77), already with some captions dropped."""
         B = x0.shape[0]
-        t = torch.randint(0, len(self.alpha_bar), (B,), generator=generator, device=x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        draw_on = generator.device if generator is not None else x0.device  # a CPU generator draws on the CPU
+        t = torch.randint(0, len(self.alpha_bar), (B,), generator=generator, device=draw_on).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=x0.dtype).to(x0.device)
         alpha_bar_t = self.alpha_bar[t].to(x0.dtype)[:, None, None, None]
         x_t = alpha_bar_t.sqrt() * x0 + (1.0 - alpha_bar_t).sqrt() * eps
         eps_pred = self.unet(x_t, t, self.text_encoder(ids))
@@ -173,5 +174,6 @@ class DiffusionLoss(nn.Module):
 def drop_captions(ids: torch.Tensor, empty_ids: torch.Tensor, p: float = CAPTION_DROP,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Replace each row of `ids` (B, 77) by the empty caption's ids with probability p."""
-    drop = torch.rand(ids.shape[0], generator=generator, device=ids.device) < p
+    draw_on = generator.device if generator is not None else ids.device
+    drop = torch.rand(ids.shape[0], generator=generator, device=draw_on).to(ids.device) < p
     return torch.where(drop[:, None], empty_ids.to(ids.device)[None, :], ids)

@@ -150,8 +150,6 @@ def plot(curves: dict[str, tuple[Sequence[float], Sequence[float]]], title: str 
     """Line plots, `{name: (xs, ys)}`, on one matplotlib figure, which a notebook shows. Needs the
     `notebooks` extra (matplotlib)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plot needs matplotlib: pip install 'sd-scratch[notebooks]'") from None
