@@ -95,7 +95,9 @@ class GenerationSettings:
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance needs the unconditional pass only when w > 1 (w = 1 is plain ε_cond)."""
+        """Classifier-free guidance needs the unconditional pass only when w > 1. Any w ≤ 1, 0
+        included, gives plain ε_cond, as in diffusers (not the unconditional ε that w = 0 means in
+        the formula); for an unconditional picture, prompt with ""."""
         return self.guidance_scale > 1.0
 
 

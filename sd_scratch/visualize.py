@@ -209,17 +209,22 @@ class StepRecorder:
         low, high = min(f.min() for f in frames), max(f.max() for f in frames)
         return [_zoomed(heatmap(f, low=low, high=high), zoom) for f in frames]
 
-    def filmstrip(self, sd: StableDiffusion, every: int = 1, index: int = 0, zoom: int = 2) -> Image.Image:
+    def filmstrip(self, sd: StableDiffusion, every: int = 1, index: int = 0, zoom: int = 2,
+                  tile: int | None = None) -> Image.Image:
         """The x-ray of one image: x_t and x̂₀ decoded, ε_cond's first channel, and the guidance
-        difference ε_cond − ε_uncond (when guided), for every `every`-th step."""
+        difference ε_cond − ε_uncond (when guided), for every `every`-th step. Frames are the decoded
+        image's size times `zoom`, or `tile` pixels wide when given (to shrink 512×512 frames)."""
         keep = list(range(0, len(self.steps), every))
         if keep[-1] != len(self.steps) - 1:
             keep.append(len(self.steps) - 1)
         pick = lambda frames: [frames[k] for k in keep]  # noqa: E731
         latent_zoom = zoom * sd.vae.config.factor  # a latent pixel covers factor × factor image pixels
         decoded = lambda which: [_zoomed(im, zoom) for im in pick(self.decoded(sd, which, index))]  # noqa: E731
-        rows = {"x_t": decoded("x_t"), "x0 pred": decoded("x0_pred"),
-                "eps ch0": pick(self.channel_images("eps_cond", index=index, zoom=latent_zoom))}
+        rows = {"x_t": decoded("x_t"), "x0_pred": decoded("x0_pred"),
+                "eps_ch0": pick(self.channel_images("eps_cond", index=index, zoom=latent_zoom))}
         if self.steps[0].eps_uncond is not None:
             rows["cond-uncond"] = pick(self.channel_images("gap", index=index, zoom=latent_zoom))
+        if tile is not None:
+            rows = {name: [f.resize((tile, round(tile * f.height / f.width)), Image.NEAREST) for f in frames]
+                    for name, frames in rows.items()}
         return filmstrip(rows, column_labels=[f"t={self.steps[k].t}" for k in keep])

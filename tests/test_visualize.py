@@ -194,3 +194,11 @@ def test_without_guidance_the_recorder_has_no_unconditional_eps_a_zero_gap_and_o
     assert recorder.guidance_gap() == [0.0, 0.0]
     rows_height = guided.filmstrip(builtin).height - recorder.filmstrip(builtin).height
     assert rows_height == 64 * 2 + MARGIN  # no "cond-uncond" row
+
+
+def test_the_recorders_filmstrip_shrinks_frames_to_tile(recorded, builtin):
+    recorder, _ = recorded
+    zoomed, tiled = recorder.filmstrip(builtin, zoom=2), recorder.filmstrip(builtin, tile=32)
+    # four rows of frames 128 px tall (zoom 2) against 32 px (tile), the same header and margins
+    assert zoomed.height - tiled.height == 4 * (128 - 32)
+    assert zoomed.width - tiled.width == STEPS * (128 - 32)
