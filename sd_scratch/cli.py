@@ -120,6 +120,11 @@ def _run(args: argparse.Namespace) -> int:
                     num_images=args.num_images, eta=args.eta, karras=args.karras, clip_skip=args.clip_skip,
                     long_prompts=args.long_prompts)
     _check_device(args.device)
+    # Everything but the image size is checked before the (slow) load; height and width must divide
+    # by the VAE's factor, which only the loaded model knows.
+    pipelines.GenerationSettings(**settings).check(factor=1)
+    if args.command != "txt2img":
+        pipelines._check_strength(args.strength, args.steps)
 
     sd = load(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
     if args.fast:

@@ -238,3 +238,13 @@ def test_an_interrupt_or_a_failure_while_generating_is_one_line(cli, tiny_checkp
 def test_help_is_ordinary_argparse_help():
     done = run_module("inpaint", "--help")
     assert done.returncode == 0 and "--mask" in done.stdout and "STEM-0.png" in done.stdout
+
+
+@pytest.mark.parametrize("args, named", [(["--steps", "0"], "steps"), (["--scheduler", "lms"], "scheduler"),
+                                         (["--guidance", "-1"], "guidance_scale")])
+def test_settings_are_checked_before_the_checkpoint_is_loaded(cli, tmp_path, args, named):
+    """A bad setting is reported at once, even when the checkpoint does not exist (no slow load first)."""
+    status, _, err = cli("txt2img", "a cat", "--checkpoint", tmp_path / "missing.safetensors", "-o",
+                         tmp_path / "x.png", *args)
+    assert status != 0 and len(err) == 1
+    assert named in err[0] and "missing.safetensors" not in err[0]
