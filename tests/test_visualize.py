@@ -174,7 +174,10 @@ def test_the_last_recorded_latent_decodes_to_the_generated_image(recorded, built
     recorder, images = recorded
     decoded = recorder.decoded(builtin, "x_t")
     assert len(decoded) == STEPS and decoded[0].size == (64, 64)
-    assert np.array_equal(np.asarray(decoded[-1]), np.asarray(images[0]))
+    # The recorder decodes all steps as one batch, the pipeline one image: convolution kernels may
+    # round a float differently by batch size and thread count, so a pixel may move by one level.
+    difference = np.abs(np.asarray(decoded[-1], dtype=int) - np.asarray(images[0], dtype=int))
+    assert difference.max() <= 1
 
 
 def test_the_recorders_filmstrip_is_a_picture_with_four_rows_when_guided(recorded, builtin):
