@@ -101,7 +101,7 @@ def timestep_of(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
     return (1 - w) * low + w * (low + 1)
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """ε' drawn as diffusers' randn_tensor draws it, so one seeded generator gives the same noise."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
@@ -165,7 +165,7 @@ class DDPM(Sampler):
             alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x
         if t > 0:
             sigma_t = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t) ** 0.5
-            x_prev = x_prev + sigma_t * _randn_like(x, generator)
+            x_prev = x_prev + sigma_t * randn_like(x, generator)
         return StepResult(x_prev, x0_pred)
 
 
@@ -198,7 +198,7 @@ class DDIM(_StridedSampler):
         sigma_t = self.eta * variance**0.5
         x_prev = alpha_bar_prev**0.5 * x0_pred + (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps
         if self.eta > 0:
-            x_prev = x_prev + sigma_t * _randn_like(x, generator)
+            x_prev = x_prev + sigma_t * randn_like(x, generator)
         return StepResult(x_prev, x0_pred)
 
 
@@ -277,7 +277,7 @@ class EulerAncestral(_SigmaSampler):
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         d = (x - x0_pred) / sigma
         x_next = x + d * (sigma_down - sigma)
-        return StepResult(x_next + _randn_like(x, generator) * sigma_up, x0_pred)
+        return StepResult(x_next + randn_like(x, generator) * sigma_up, x0_pred)
 
 
 def alpha_sigma_lambda(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schedulers import betas_for
+from .schedulers import betas_for, randn_like
 from .text_encoder import CLIPTextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
 from .vae import LATENT_SCALE, AutoencoderKL, VAEConfig
@@ -164,7 +164,7 @@ class DiffusionLoss(nn.Module):
         B = x0.shape[0]
         draw_on = generator.device if generator is not None else x0.device  # a CPU generator draws on the CPU
         t = torch.randint(0, len(self.alpha_bar), (B,), generator=generator, device=draw_on).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=x0.dtype).to(x0.device)
+        eps = randn_like(x0, generator)
         alpha_bar_t = self.alpha_bar[t].to(x0.dtype)[:, None, None, None]
         x_t = alpha_bar_t.sqrt() * x0 + (1.0 - alpha_bar_t).sqrt() * eps
         eps_pred = self.unet(x_t, t, self.text_encoder(ids))
