@@ -193,9 +193,12 @@ class StepRecorder:
         return [0.0 if s.eps_uncond is None else
                 float((s.eps_cond - s.eps_uncond).norm() / s.eps_cond.norm()) for s in self.steps]
 
-    def decoded(self, sd: StableDiffusion, which: str = "x0_pred", index: int = 0) -> list[Image.Image]:
-        """Image `index` of the batch, decoded by the VAE at every step; `which` is x_t or x0_pred."""
-        latents = torch.stack([getattr(s, which)[index] for s in self.steps])  # (steps, 4, h, w)
+    def decoded(self, sd: StableDiffusion, which: str = "x0_pred", index: int = 0,
+                steps: Sequence[int] | None = None) -> list[Image.Image]:
+        """Image `index` of the batch, decoded by the VAE at every step (or at the recorded `steps`
+        given); `which` is x_t or x0_pred."""
+        chosen = self.steps if steps is None else [self.steps[k] for k in steps]
+        latents = torch.stack([getattr(s, which)[index] for s in chosen])  # (steps, 4, h, w)
         return decode(sd, latents.to(sd.device, sd.dtype))
 
     def channel_images(self, which: str = "eps_cond", channel: int = 0, index: int = 0,
@@ -219,7 +222,7 @@ class StepRecorder:
             keep.append(len(self.steps) - 1)
         pick = lambda frames: [frames[k] for k in keep]  # noqa: E731
         latent_zoom = zoom * sd.vae.config.factor  # a latent pixel covers factor × factor image pixels
-        decoded = lambda which: [_zoomed(im, zoom) for im in pick(self.decoded(sd, which, index))]  # noqa: E731
+        decoded = lambda which: [_zoomed(im, zoom) for im in self.decoded(sd, which, index, keep)]  # noqa: E731
         rows = {"x_t": decoded("x_t"), "x0_pred": decoded("x0_pred"),
                 "eps_ch0": pick(self.channel_images("eps_cond", index=index, zoom=latent_zoom))}
         if self.steps[0].eps_uncond is not None:
