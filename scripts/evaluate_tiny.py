@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import textwrap
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import sd_scratch
-from sd_scratch import pipelines, shapes
+from sd_scratch import pipelines, shapes, visualize
 
 REPO = Path(__file__).resolve().parent.parent
 ATTRIBUTES = ("color", "background", "position", "shape")
@@ -52,20 +51,6 @@ def score(scenes: list[shapes.Scene], images: list[Image.Image]) -> dict[str, fl
     return {a: hits[a] / len(scenes) for a in ATTRIBUTES}
 
 
-def grid(scenes: list[shapes.Scene], images: list[Image.Image], columns: int = 6, zoom: int = 2) -> Image.Image:
-    """Samples enlarged `zoom`× (nearest neighbour, so the pixels are the model's) with their prompts."""
-    tile, text_height = shapes.IMAGE_SIZE * zoom, 40
-    rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * (tile + 8) + 8, rows * (tile + text_height + 8) + 8), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (scene, image) in enumerate(zip(scenes, images)):
-        x, y = 8 + (i % columns) * (tile + 8), 8 + (i // columns) * (tile + text_height + 8)
-        sheet.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
-        draw.multiline_text((x, y + tile + 2), "\n".join(textwrap.wrap(scene.caption, 24)), fill="black",
-                            spacing=1)
-    return sheet
-
-
 def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="default: the built-in model")
@@ -90,7 +75,8 @@ def main(argv=None) -> dict[str, float]:
         print(f"  {a:<10} {100 * result[a]:5.1f}%   ({verdict} the bar of {100 * BAR[a]:.0f}%)")
     if args.grid_count:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
-        grid(scenes[:args.grid_count], images[:args.grid_count]).save(args.grid)
+        shown = slice(0, args.grid_count)
+        visualize.grid(images[shown], [s.caption for s in scenes[shown]], columns=6, zoom=2).save(args.grid)
         print(f"wrote {args.grid}")
     return result
 
