@@ -7,7 +7,8 @@ Peak memory is measured on CUDA only (torch.cuda.max_memory_allocated).
 
     python scripts/benchmark.py                                  # CPU fp32, SD v1.5 sizes
     python scripts/benchmark.py --size tiny --repeats 2          # the CI smoke test
-    python scripts/benchmark.py --device cuda --modes fp16 fp16-compiled bf16 --json gpu.json
+    python scripts/benchmark.py --device cuda --modes fp16 fp16-compiled bf16 --image-size 512 \
+        --tiled-decode-size 1024 --json gpu.json
 
 Needs the test extra (diffusers, transformers).
 """
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sd_scratch.tokenizer import DEFAULT_BPE_PATH  # noqa: E402
 from sd_scratch.loading import from_single_file_state_dict  # noqa: E402
-from tests.reference import (SD15_SCHEDULER, make_reference_models, single_file_layout,  # noqa: E402
+from tests.reference import (SD15_SCHEDULER, make_reference_models, rel_err, single_file_layout,  # noqa: E402
                              write_tokenizer_folder)
 
 MODES = {"fp32": (torch.float32, False), "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False),
@@ -93,6 +94,25 @@ def build(size: str, device: str, dtype: torch.dtype, compiled: bool, tmp: Path)
     return ours, ref
 
 
+def compare_tiled_decode(ours, ref, args, g: torch.Generator) -> dict:
+    """Tiled decoding, ours (tiles wait in host memory) against diffusers' `enable_tiling` with the same
+    tile; also how far each is from decoding the latent whole (ours: float rounding; diffusers' tiles
+    are normalised on their own and blended)."""
+    device, dtype = args.device, next(ours.vae.parameters()).dtype
+    n, f, tile = args.tiled_decode_size, ours.vae.config.factor, args.decode_tile
+    z = torch.randn(1, 4, n // f, n // f, generator=g).to(device, dtype)
+    ref.vae.enable_tiling()
+    ref.vae.tile_latent_min_size, ref.vae.tile_sample_min_size = tile, tile * f
+    try:
+        row = compare(f"VAE decode in {tile * f}-pixel tiles, {n}×{n}", lambda: ours.vae.decode_tiled(z, tile),
+                      lambda: ref.vae.decode(z).sample, device, min(args.warmup, 1), max(1, args.repeats // 2))
+        ours_tiled, ref_tiled = ours.vae.decode_tiled(z, tile), ref.vae.decode(z).sample
+    finally:
+        ref.vae.disable_tiling()
+    whole = ours.vae.decode(z)
+    return row | {"ours_rel_err_to_whole": rel_err(ours_tiled, whole), "diffusers_rel_err_to_whole": rel_err(ref_tiled, whole)}
+
+
 def run_mode(mode: str, args, tmp: Path) -> list[dict]:
     dtype, compiled = MODES[mode]
     device = args.device
@@ -117,6 +137,8 @@ def run_mode(mode: str, args, tmp: Path) -> list[dict]:
         z = torch.randn(1, 4, h, h, generator=g).to(device, dtype)
         rows.append(compare(f"VAE decode, {args.decode_size}×{args.decode_size}", lambda: ours.vae.decode(z),
                             lambda: ref.vae.decode(z).sample, device, args.warmup, args.repeats))
+        if args.tiled_decode_size:
+            rows.append(compare_tiled_decode(ours, ref, args, g))
     size = args.image_size
     rows.append(compare(f"whole image, {args.image_steps} DDIM steps, {size}×{size}",
                         lambda: ours.txt2img(PROMPT, height=size, width=size, steps=args.image_steps, progress=False),
@@ -135,6 +157,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--unet-sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--decode-size", type=int, default=512)
+    parser.add_argument("--tiled-decode-size", type=int, default=0,
+                        help="also compare tiled VAE decoding at this image size (0: skip)")
+    parser.add_argument("--decode-tile", type=int, default=64, help="latent pixels per tile side (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--image-steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -149,6 +174,9 @@ def main() -> None:
     print(f"{'mode':<14} {'what':<44} {'ours s':>9} {'diffusers s':>11} {'ratio':>6}")
     for r in rows:
         memory = f"   peak GB {r['ours_peak_gb']:.2f} vs {r['diffusers_peak_gb']:.2f}" if "ours_peak_gb" in r else ""
+        if "ours_rel_err_to_whole" in r:
+            memory += (f"   off the whole decode: ours {r['ours_rel_err_to_whole']:.1e}, "
+                       f"diffusers {r['diffusers_rel_err_to_whole']:.1e}")
         print(f"{r['mode']:<14} {r['what']:<44} {r['ours_s']:>9.4f} {r['diffusers_s']:>11.4f} {r['ratio']:>6.2f}{memory}")
     if args.json:
         environment = {"torch": torch.__version__, "device": args.device, "size": args.size,

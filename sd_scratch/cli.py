@@ -91,6 +91,8 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
                         "STEM-{N-1}.png next to it")
     p.add_argument("--fast", action="store_true",
                    help="channels_last + torch.compile for the UNet (the first step compiles, slowly)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="attention in slices and the VAE decoded in tiles: the same picture, less memory, slower")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -129,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
     sd = load(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
     if args.fast:
         sd.optimize()
+    if args.low_memory:
+        sd.set_attention_slicing().set_vae_tiling()
     if args.command == "txt2img":
         size = BUILTIN_SIZE if args.checkpoint == DEFAULT_CHECKPOINT else 512
         args.height, args.width = args.height or size, args.width or size

@@ -229,9 +229,10 @@ def denoise(sd: StableDiffusion, sampler, x: torch.Tensor, context: torch.Tensor
 
 
 def decode(sd: StableDiffusion, latents: torch.Tensor) -> list[Image.Image]:
-    """x_0 -> images, decoded in the VAE's own dtype (fp32 unless asked otherwise); NaN raises."""
-    vae_dtype = next(sd.vae.parameters()).dtype
-    images = sd.vae.decode(latents.to(vae_dtype) / LATENT_SCALE)
+    """x_0 -> images, decoded in the VAE's own dtype (fp32 unless asked otherwise), in tiles if
+    `sd.set_vae_tiling` asked for them; NaN raises."""
+    z = latents.to(next(sd.vae.parameters()).dtype) / LATENT_SCALE
+    images = sd.vae.decode(z) if sd.vae_tile is None else sd.vae.decode_tiled(z, sd.vae_tile)
     if not torch.isfinite(images).all():
         raise FloatingPointError("the decoded image contains NaN or Inf values (with fp16 try dtype='fp32' or "
                                  "keep the VAE in fp32); no picture was made")

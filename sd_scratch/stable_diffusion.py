@@ -26,6 +26,7 @@ class StableDiffusion:
         self.unet = unet
         self.vae = vae
         self.report = report
+        self.vae_tile: int | None = None  # decode in tiles of this many latent pixels (None: whole)
 
     @property
     def device(self) -> torch.device:
@@ -56,6 +57,14 @@ class StableDiffusion:
         for module in (*self.unet.modules(), *self.vae.modules()):
             if hasattr(module, "slice_size"):
                 module.slice_size = slice_size
+        return self
+
+    def set_vae_tiling(self, tile: int | None = 64) -> StableDiffusion:
+        """Decode the pipelines' images `tile`×`tile` latent pixels at a time (None: whole). Same
+        numbers, less memory for large images, about twice the decoding work; see `vae_tiling.py`."""
+        if tile is not None and (not isinstance(tile, int) or tile < 1):
+            raise ValueError(f"tile must be a positive integer or None, got {tile!r}")
+        self.vae_tile = tile
         return self
 
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", **kwargs) -> list[Image.Image]:

@@ -281,53 +281,12 @@ class AutoencoderKL(nn.Module):
         self._check(z, self.config.latent_channels, "latents")
         return self.decoder(self.post_quant_conv(z))
 
-    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
-        """`decode` in overlapping tiles of tile×tile latent pixels, for images too large to decode at
-        once; overlaps are blended with linear ramps, so no seam shows.
-
-        Each tile is decoded on its own, and the decoder's mid-block attention sees only its tile, so
-        the result is close to `decode`'s but not equal; a latent within one tile decodes exactly."""
-        self._check(z, self.config.latent_channels, "latents")
-        if not 0 <= overlap < tile:
-            raise ValueError(f"overlap must be in [0, tile={tile}), got {overlap}")
-        B, _, h, w = z.shape
-        if h <= tile and w <= tile:
-            return self.decode(z)
-        f = self.config.factor
-        out = z.new_zeros(B, self.config.out_channels, h * f, w * f)
-        weight = z.new_zeros(1, 1, h * f, w * f)
-        for y in _tile_starts(h, tile, overlap):
-            for x in _tile_starts(w, tile, overlap):
-                piece = self.decode(z[:, :, y:y + tile, x:x + tile])  # (B, 3, f·th, f·tw)
-                ramp = (_ramp(y, piece.shape[2] // f, h, overlap, f)[:, None]
-                        * _ramp(x, piece.shape[3] // f, w, overlap, f)[None, :]).to(z)
-                out[:, :, y * f:y * f + piece.shape[2], x * f:x * f + piece.shape[3]] += piece * ramp
-                weight[:, :, y * f:y * f + piece.shape[2], x * f:x * f + piece.shape[3]] += ramp
-        return out / weight
+    def decode_tiled(self, z: torch.Tensor, tile: int = 64, store: str | torch.device | None = "cpu") -> torch.Tensor:
+        """`decode` computed tile×tile latent pixels at a time, with the same numbers; see `vae_tiling.py`."""
+        from .vae_tiling import decode_tiled  # vae_tiling builds on this module
+        return decode_tiled(self, z, tile, store)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruct: decode the mean latent of `images`."""
         return self.decode(self.encode(images).mode())
 
-
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Where tiles start along one side: every tile - overlap, the last one flush with the end."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, tile - overlap))
-    return starts + [size - tile]
-
-
-def _ramp(start: int, length: int, size: int, overlap: int, f: int) -> torch.Tensor:
-    """A tile's blending weight along one side, in pixels: rising over the first `overlap` latent
-    pixels unless the tile starts at the image's edge, falling over the last unless it ends there.
-    Never zero, so every pixel's weights sum to something positive."""
-    ramp = torch.ones(length * f)
-    n = overlap * f
-    if n:
-        edge = torch.linspace(0, 1, n + 2)[1:-1]
-        if start > 0:
-            ramp[:n] = torch.minimum(ramp[:n], edge)
-        if start + length < size:
-            ramp[-n:] = torch.minimum(ramp[-n:], edge.flip(0))
-    return ramp

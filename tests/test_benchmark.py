@@ -16,13 +16,17 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--size", "tiny",
                              "--repeats", "1", "--warmup", "0", "--unet-sizes", "32", "--decode-size", "32",
-                             "--image-size", "32", "--image-steps", "2", "--json", str(out)],
+                             "--image-size", "32", "--image-steps", "2", "--tiled-decode-size", "64",
+                             "--decode-tile", "8", "--json", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["what"].split(",")[0] for r in rows] == ["UNet step", "text encoder", "VAE decode", "whole image"]
+    assert [r["what"].split(",")[0] for r in rows] == ["UNet step", "text encoder", "VAE decode",
+                                                          "VAE decode in 32-pixel tiles", "whole image"]
     assert all(r["ours_s"] > 0 and r["diffusers_s"] > 0 and r["ratio"] > 0 for r in rows)
     assert "ratio" in result.stdout
+    assert rows[3]["ours_rel_err_to_whole"] <= 1e-4  # ours is exact; diffusers' blended tiles are not
+    assert rows[3]["diffusers_rel_err_to_whole"] > 0
 
 
 @torch.no_grad()

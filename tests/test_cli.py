@@ -117,6 +117,17 @@ def test_the_same_seed_gives_the_same_pixels(cli, tiny_checkpoint, tmp_path):
     assert np.array_equal(*pixels)
 
 
+def test_low_memory_gives_the_same_picture(cli, tiny_checkpoint, tmp_path):
+    """--low-memory: attention in slices, the VAE decoded in 64-latent-pixel tiles (here 2×2 of them)."""
+    pixels = []
+    for name, flags in (("plain.png", []), ("low.png", ["--low-memory"])):
+        status, _, err = cli("txt2img", "a", "--checkpoint", tiny_checkpoint["single"], *FAST, "--height", 272,
+                             "--width", 272, *flags, "-o", tmp_path / name)
+        assert (status, err) == (0, [])
+        pixels.append(np.asarray(Image.open(tmp_path / name), dtype=int))
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1  # 8-bit rounding of values equal to float rounding
+
+
 def test_a_random_seed_is_printed_and_recorded(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "x.png"
     status, _, err = cli("txt2img", "a", "--checkpoint", tiny_checkpoint["single"], *FAST, "--height", 16,
