@@ -1,7 +1,7 @@
 """Speed and memory, ours against diffusers, side by side in one process on the same weights.
 
 Random weights at the full SD v1.5 sizes (or tiny ones for a smoke test), the same inputs for both,
-runs interleaved (ours, reference, ours, ...) after a warm-up so that a noisy shared machine slows
+runs interleaved (ours, reference, reference, ours, ...) after a warm-up so that a noisy shared machine slows
 both alike; medians; the ratio ours / diffusers is the figure to read, not the absolute times.
 Peak memory is measured on CUDA only (torch.cuda.max_memory_allocated).
 
@@ -54,13 +54,15 @@ def timed(fn, device: str) -> tuple[float, int | None]:
 
 
 def compare(name: str, ours, reference, device: str, warmup: int, repeats: int) -> dict:
-    """Interleaved runs of the two callables; medians, peak memory and the ratio."""
+    """Interleaved runs of the two callables, each going first in every other repeat (the first run
+    after the other's tends to be slower); medians, peak memory and the ratio."""
     for _ in range(warmup):
         ours(), reference()
     times = {"ours": [], "diffusers": []}
     memory = {"ours": 0, "diffusers": 0}
-    for _ in range(repeats):
-        for who, fn in (("ours", ours), ("diffusers", reference)):
+    pair = (("ours", ours), ("diffusers", reference))
+    for i in range(repeats):
+        for who, fn in pair if i % 2 == 0 else pair[::-1]:  # who goes first alternates
             seconds, peak = timed(fn, device)
             times[who].append(seconds)
             memory[who] = max(memory[who], peak or 0)
@@ -154,7 +156,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["fp32"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--unet-sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--decode-size", type=int, default=512)
     parser.add_argument("--tiled-decode-size", type=int, default=0,

@@ -1,0 +1,129 @@
+"""On a CUDA GPU, with random weights at the full SD v1.5 sizes: fp32 against diffusers, fp16 (eager
+and `optimize()`d) against fp32, the peak memory of a 512×512 fp16 image, a 768×768 fp16 image
+without NaN, and tiled decoding against whole decoding.
+
+CI has no GPU and skips this file. On a machine with one: `python -m pytest -q tests/test_gpu.py`.
+TF32 is switched off here, so that fp32 means fp32 (cuDNN uses TF32 for convolutions by default).
+"""
+import pytest
+import torch
+
+from sd_scratch.loading import from_single_file_state_dict
+from tests.reference import make_reference_models, rel_err, single_file_layout
+
+pytestmark = [pytest.mark.full_size, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+FP32_TOLERANCE = 1e-4  # DEVELOPERS.md, each component against the reference
+FP16_TOLERANCE = 5e-3  # DEVELOPERS.md, fp16 on a GPU
+MAX_PEAK_GB = 3.75  # issue 6: one 512×512 image in fp16, weights included
+PROMPT = "a photograph of an astronaut riding a horse"
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def models():
+    return make_reference_models("sd15")
+
+
+@pytest.fixture(scope="module")
+def weights(models):
+    return single_file_layout(models)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(2, 4, 64, 64, generator=g),  # CFG's batch of 2, a 512×512 image's latent
+            "context": torch.randn(2, 77, 768, generator=g),
+            "z": torch.randn(1, 4, 64, 64, generator=g)}
+
+
+def load(weights, dtype=torch.float32, vae_dtype=None):
+    return from_single_file_state_dict(weights, device=CUDA, dtype=dtype, vae_dtype=vae_dtype)
+
+
+@torch.no_grad()
+def outputs(sd, inputs) -> dict[str, torch.Tensor]:
+    """The UNet's ε, the text encoder's hidden states and the decoded image, as float32 on the GPU."""
+    dtype, vae_dtype = sd.dtype, next(sd.vae.parameters()).dtype
+    return {"unet": sd.unet(inputs["x"].to(CUDA, dtype), 500, inputs["context"].to(CUDA, dtype)).float(),
+            "text encoder": sd.text_encoder(sd.tokenizer([PROMPT, ""]).to(CUDA)).float(),
+            "vae decode": sd.vae.decode(inputs["z"].to(CUDA, vae_dtype)).float()}
+
+
+@pytest.fixture(scope="module")
+def fp32(weights, inputs):
+    sd = load(weights)
+    yield sd, outputs(sd, inputs)
+    del sd
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def test_fp32_on_the_gpu_matches_diffusers(models, inputs, fp32):
+    sd, ours = fp32
+    ids = sd.tokenizer([PROMPT, ""]).to(CUDA)
+    try:
+        for m in models.values():
+            m.to(CUDA)
+        reference = {
+            "unet": models["unet"](inputs["x"].to(CUDA), 500, encoder_hidden_states=inputs["context"].to(CUDA)).sample,
+            "text encoder": models["text_encoder"](ids).last_hidden_state,
+            "vae decode": models["vae"].decode(inputs["z"].to(CUDA)).sample}
+    finally:
+        for m in models.values():
+            m.to("cpu")
+    for name, ref in reference.items():
+        assert rel_err(ours[name], ref) <= FP32_TOLERANCE, name
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "optimized"])
+def test_fp16_is_within_tolerance_of_fp32(weights, inputs, fp32, compiled):
+    sd = load(weights, torch.float16, vae_dtype=torch.float16)
+    if compiled:
+        sd.optimize()
+    half = outputs(sd, inputs)
+    for name, full in fp32[1].items():
+        assert rel_err(half[name], full) <= FP16_TOLERANCE, name
+
+
+@torch.no_grad()
+def test_a_512_fp16_image_fits_in_3_75_gb(weights):
+    """Weights and generation together, counted from what this process already held (the fp32 model)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sd = load(weights, torch.float16)  # the VAE stays in fp32, as `load` does for fp16 by default
+    sd.txt2img(PROMPT, height=512, width=512, steps=2, progress=False)
+    assert (torch.cuda.max_memory_allocated() - before) / 2**30 <= MAX_PEAK_GB
+
+
+def test_a_768_fp16_image_has_no_nan(weights):
+    """The pipeline raises FloatingPointError on NaN or Inf in the decoded image. Random weights do not
+    have the real SD VAE's large activations, so this checks the fp16 path runs clean at 768×768, not
+    that the real VAE would not overflow (which is why `load` keeps it in fp32 for fp16)."""
+    sd = load(weights, torch.float16)
+    (image,) = sd.txt2img(PROMPT, height=768, width=768, steps=2, progress=False)
+    assert image.size == (768, 768)
+
+
+@torch.no_grad()
+def test_tiled_decoding_on_the_gpu_is_exact_and_smaller(fp32):
+    sd = fp32[0]
+    z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(1)).to(CUDA)  # 1024×1024
+    peaks, images = [], []
+    for decode in (sd.vae.decode, sd.vae.decode_tiled):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        images.append(decode(z))
+        peaks.append(torch.cuda.max_memory_allocated())
+    assert rel_err(images[1], images[0]) <= FP32_TOLERANCE
+    assert peaks[1] < peaks[0]
