@@ -92,7 +92,8 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--fast", action="store_true",
                    help="channels_last + torch.compile for the UNet (the first step compiles, slowly)")
     p.add_argument("--low-memory", action="store_true",
-                   help="attention in slices and the VAE decoded in tiles: the same picture, less memory, slower")
+                   help="attention in slices and the VAE decoded in tiles: the same picture, less memory, "
+                        "a little slower")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -60,8 +60,8 @@ class StableDiffusion:
         return self
 
     def set_vae_tiling(self, tile: int | None = 64) -> StableDiffusion:
-        """Decode the pipelines' images `tile`×`tile` latent pixels at a time (None: whole). Same
-        numbers, less memory for large images, about twice the decoding work; see `vae_tiling.py`."""
+        """Decode the pipelines' images `tile`×`tile` latent pixels at a time (None: whole): the same
+        numbers, less memory for large images, a little slower; see `vae_tiling.py`."""
         if tile is not None and (not isinstance(tile, int) or tile < 1):
             raise ValueError(f"tile must be a positive integer or None, got {tile!r}")
         self.vae_tile = tile
