@@ -33,6 +33,7 @@ from tests.reference import (SD15_SCHEDULER, make_reference_models, rel_err, sin
 
 MODES = {"fp32": (torch.float32, False), "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False),
          "fp16-compiled": (torch.float16, True), "fp32-compiled": (torch.float32, True)}
+ROWS = ["unet", "text", "decode", "image"]
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -123,7 +124,7 @@ def run_mode(mode: str, args, tmp: Path) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
     with torch.no_grad():
-        for pixels in args.unet_sizes:
+        for pixels in args.unet_sizes if "unet" in args.rows else []:
             h = pixels // ours.vae.config.factor
             x = torch.randn(2, 4, h, h, generator=g).to(device, dtype)  # batch 2: CFG's two halves
             context = torch.randn(2, 77, width, generator=g).to(device, dtype)
@@ -132,21 +133,25 @@ def run_mode(mode: str, args, tmp: Path) -> list[dict]:
                                 lambda: ours.unet(x, t, context),
                                 lambda: ref.unet(x, t, encoder_hidden_states=context), device, args.warmup,
                                 args.repeats))
-        ids = ours.tokenizer([PROMPT, ""]).to(device)
-        rows.append(compare("text encoder, batch 2", lambda: ours.text_encoder(ids),
-                            lambda: ref.text_encoder(ids), device, args.warmup, args.repeats))
-        h = args.decode_size // ours.vae.config.factor
-        z = torch.randn(1, 4, h, h, generator=g).to(device, dtype)
-        rows.append(compare(f"VAE decode, {args.decode_size}×{args.decode_size}", lambda: ours.vae.decode(z),
-                            lambda: ref.vae.decode(z).sample, device, args.warmup, args.repeats))
+        if "text" in args.rows:
+            ids = ours.tokenizer([PROMPT, ""]).to(device)
+            rows.append(compare("text encoder, batch 2", lambda: ours.text_encoder(ids),
+                                lambda: ref.text_encoder(ids), device, args.warmup, args.repeats))
+        if "decode" in args.rows:
+            h = args.decode_size // ours.vae.config.factor
+            z = torch.randn(1, 4, h, h, generator=g).to(device, dtype)
+            rows.append(compare(f"VAE decode, {args.decode_size}×{args.decode_size}", lambda: ours.vae.decode(z),
+                                lambda: ref.vae.decode(z).sample, device, args.warmup, args.repeats))
         if args.tiled_decode_size:
             rows.append(compare_tiled_decode(ours, ref, args, g))
     size = args.image_size
-    rows.append(compare(f"whole image, {args.image_steps} DDIM steps, {size}×{size}",
-                        lambda: ours.txt2img(PROMPT, height=size, width=size, steps=args.image_steps, progress=False),
-                        lambda: ref(PROMPT, height=size, width=size, num_inference_steps=args.image_steps,
-                                    generator=torch.Generator("cpu").manual_seed(0)),
-                        device, min(args.warmup, 1), max(1, args.repeats // 2)))
+    if "image" in args.rows:
+        rows.append(compare(f"whole image, {args.image_steps} DDIM steps, {size}×{size}",
+                            lambda: ours.txt2img(PROMPT, height=size, width=size, steps=args.image_steps,
+                                                 progress=False),
+                            lambda: ref(PROMPT, height=size, width=size, num_inference_steps=args.image_steps,
+                                        generator=torch.Generator("cpu").manual_seed(0)),
+                            device, min(args.warmup, 1), max(1, args.repeats // 2)))
     return [dict(row, mode=mode) for row in rows]
 
 
@@ -157,6 +162,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["fp32"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS,
+                        help="which comparisons to run (default: all; the tiled decode runs when its size is given)")
     parser.add_argument("--unet-sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--decode-size", type=int, default=512)
     parser.add_argument("--tiled-decode-size", type=int, default=0,
