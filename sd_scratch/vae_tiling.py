@@ -93,7 +93,7 @@ def decode_tiled(vae: AutoencoderKL, z: torch.Tensor, tile: int = 64,
     vae._check(z, vae.config.latent_channels, "latents")
     if not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be a positive number of latent pixels, got {tile!r}")
-    B, _, h, w = z.shape
+    h, w = z.shape[-2:]
     if h <= tile and w <= tile:
         return vae.decode(z)
     dec = vae.decoder
