@@ -14,6 +14,7 @@ from .text_encoder import CLIPTextEncoder
 from .tokenizer import CLIPTokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
+from .vae_tiling import check_tile
 
 
 class StableDiffusion:
@@ -62,8 +63,8 @@ class StableDiffusion:
     def set_vae_tiling(self, tile: int | None = 64) -> StableDiffusion:
         """Decode the pipelines' images `tile`×`tile` latent pixels at a time (None: whole): the same
         numbers, less memory for large images, a little slower; see `vae_tiling.py`."""
-        if tile is not None and (not isinstance(tile, int) or tile < 1):
-            raise ValueError(f"tile must be a positive integer or None, got {tile!r}")
+        if tile is not None:
+            check_tile(tile)  # now, not at the first decode
         self.vae_tile = tile
         return self
 

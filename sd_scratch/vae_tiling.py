@@ -84,6 +84,11 @@ class _TileSteps:
         return normalise
 
 
+def check_tile(tile: int) -> None:
+    if not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be a positive number of latent pixels, got {tile!r}")
+
+
 @torch.no_grad()
 def decode_tiled(vae: AutoencoderKL, z: torch.Tensor, tile: int = 64,
                  store: str | torch.device | None = "cpu") -> torch.Tensor:
@@ -91,8 +96,7 @@ def decode_tiled(vae: AutoencoderKL, z: torch.Tensor, tile: int = 64,
     to it up to float rounding. `store` is where the whole feature maps wait between steps (None: z's
     device). A latent within one tile is simply decoded."""
     vae._check(z, vae.config.latent_channels, "latents")
-    if not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"tile must be a positive number of latent pixels, got {tile!r}")
+    check_tile(tile)
     h, w = z.shape[-2:]
     if h <= tile and w <= tile:
         return vae.decode(z)
