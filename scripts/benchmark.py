@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sd_scratch.tokenizer import DEFAULT_BPE_PATH  # noqa: E402
-from sd_scratch.loading import from_single_file_state_dict  # noqa: E402
+from sd_scratch.checkpoints.load import from_single_file_state_dict  # noqa: E402
 from tests.reference import (SD15_SCHEDULER, make_reference_models, rel_err, single_file_layout,  # noqa: E402
                              write_tokenizer_folder)
 

@@ -1,11 +1,11 @@
 """Measure whether the built-in model draws what its captions say, on combinations it never saw.
 
-    python scripts/evaluate_tiny.py                       # weights/tiny-shapes.safetensors, 200 captions
+    python scripts/evaluate_tiny.py                       # sd_scratch/data/tiny-shapes.safetensors, 200 captions
     python scripts/evaluate_tiny.py --weights other.safetensors --grid weights/tiny-shapes-samples.png
 
-The 200 captions cycle through the 120 held-out combinations of `sd_scratch.shapes` in a shuffled
+The 200 captions cycle through the 120 held-out combinations of `sd_scratch.training.toy_shapes` in a shuffled
 order fixed by --seed; each batch of images is generated with its own fixed seed. Every image is read
-back by `shapes.analyse` (pixel arithmetic, no neural judge), and the script prints how often the
+back by `toy_shapes.analyse` (pixel arithmetic, no neural judge), and the script prints how often the
 colour, the background, the position and the shape agree with the caption, and writes a grid of
 the first samples with their prompts.
 """
@@ -18,34 +18,36 @@ from pathlib import Path
 from PIL import Image
 
 import sd_scratch
-from sd_scratch import pipelines, shapes, visualize
+from sd_scratch import pipelines
+from sd_scratch.lab import visualize
+from sd_scratch.training import toy_shapes
 
 REPO = Path(__file__).resolve().parent.parent
 ATTRIBUTES = ("color", "background", "position", "shape")
 BAR = {"color": 0.90, "background": 0.90, "position": 0.80, "shape": 0.70}  # the issue's quality bar
 
 
-def held_out_sample(n: int, seed: int) -> list[shapes.Scene]:
+def held_out_sample(n: int, seed: int) -> list[toy_shapes.Scene]:
     """n held-out scenes: all of them in a shuffled order, repeated as needed."""
-    scenes = shapes.held_out_scenes()
+    scenes = toy_shapes.held_out_scenes()
     random.Random(seed).shuffle(scenes)
     return [scenes[i % len(scenes)] for i in range(n)]
 
 
-def generate(sd, scenes: list[shapes.Scene], seed: int, batch: int, **settings) -> list[Image.Image]:
+def generate(sd, scenes: list[toy_shapes.Scene], seed: int, batch: int, **settings) -> list[Image.Image]:
     images = []
     for b in range(0, len(scenes), batch):
         prompts = [s.caption for s in scenes[b:b + batch]]
-        images += pipelines.txt2img(sd, prompts, height=shapes.IMAGE_SIZE, width=shapes.IMAGE_SIZE,
+        images += pipelines.txt2img(sd, prompts, height=toy_shapes.IMAGE_SIZE, width=toy_shapes.IMAGE_SIZE,
                                     seed=seed + b, progress=False, **settings)
     return images
 
 
-def score(scenes: list[shapes.Scene], images: list[Image.Image]) -> dict[str, float]:
+def score(scenes: list[toy_shapes.Scene], images: list[Image.Image]) -> dict[str, float]:
     """The fraction of images whose analysis agrees with the caption, per attribute."""
     hits = dict.fromkeys(ATTRIBUTES, 0)
     for scene, image in zip(scenes, images):
-        found = shapes.analyse(image)
+        found = toy_shapes.analyse(image)
         for a in ATTRIBUTES:
             hits[a] += getattr(found, a) == getattr(scene, a)
     return {a: hits[a] / len(scenes) for a in ATTRIBUTES}

@@ -1,4 +1,4 @@
-"""Train the built-in model (weights/tiny-shapes.safetensors) from nothing, on the shapes world.
+"""Train the built-in model (sd_scratch/data/tiny-shapes.safetensors) from nothing, on the shapes world.
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/train_tiny.py   # the shipped file: 46 min, 2 CPU cores
     python scripts/train_tiny.py                          # one process: every stage, then the weights file
@@ -41,12 +41,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sd_scratch import shapes
-from sd_scratch.loading import save_single_file
+from sd_scratch.training import toy_shapes
+from sd_scratch.checkpoints.families import BY_NAME
+from sd_scratch.checkpoints.load import save_single_file
 from sd_scratch.stable_diffusion import StableDiffusion
 from sd_scratch.text_encoder import CLIPTextEncoder
 from sd_scratch.tokenizer import CLIPTokenizer
-from sd_scratch.training import (DecoderLoss, DiffusionLoss, VAELoss, drop_captions, fold_latent_normalisation,
+from sd_scratch.training.losses import (DecoderLoss, DiffusionLoss, VAELoss, drop_captions, fold_latent_normalisation,
                                  tiny_configs)
 from sd_scratch.unet import UNet
 from sd_scratch.vae import LATENT_SCALE, AutoencoderKL
@@ -63,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "tiny-shapes", help="checkpoints and loss log")
-    p.add_argument("--weights", type=Path, default=REPO / "weights" / "tiny-shapes.safetensors")
+    p.add_argument("--weights", type=Path, default=REPO / "sd_scratch" / "data" / "tiny-shapes.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--variants", type=int, default=4, help="jittered drawings per training combination")
     p.add_argument("--vae-steps", type=int, default=1000)
@@ -166,7 +167,7 @@ def train_stage(stage: str, loss_module: torch.nn.Module, batch_fn, args, device
 def export(tokenizer, text_encoder, unet, vae, path: Path) -> None:
     """Write the three parts as one float16 file in the official single-file layout."""
     model = StableDiffusion(tokenizer, copy.deepcopy(text_encoder), copy.deepcopy(unet),
-                            copy.deepcopy(vae).to(memory_format=torch.contiguous_format))
+                            copy.deepcopy(vae).to(memory_format=torch.contiguous_format), BY_NAME["tiny-shapes"])
     model.to("cpu", torch.float16)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_single_file(model, path)
@@ -198,9 +199,9 @@ def main(argv=None) -> None:
     text_encoder = CLIPTextEncoder(configs.text)
     unet = UNet(configs.unet)
 
-    images, captions = shapes.make_dataset(shapes.train_scenes(), args.variants, args.seed)
+    images, captions = toy_shapes.make_dataset(toy_shapes.train_scenes(), args.variants, args.seed)
     if rank == 0:
-        print(f"{len(images)} training images ({len(shapes.train_scenes())} combinations × {args.variants}), "
+        print(f"{len(images)} training images ({len(toy_shapes.train_scenes())} combinations × {args.variants}), "
               f"{world} process(es) on {device}")
 
     # Stage 1: the autoencoder, on images in the channels-last layout (faster convolutions on CPU).
@@ -210,7 +211,7 @@ def main(argv=None) -> None:
     if "vae" in args.stages and not finished(args, "vae", args.vae_steps):
         def vae_batch(generator):
             index = torch.randint(0, len(images), (args.vae_batch // world,), generator=generator)
-            top, left = (8 * torch.randint(0, (shapes.IMAGE_SIZE - args.vae_crop) // 8 + 1, (2,),
+            top, left = (8 * torch.randint(0, (toy_shapes.IMAGE_SIZE - args.vae_crop) // 8 + 1, (2,),
                                            generator=generator)).tolist()
             return (images[index.to(device), :, top:top + args.vae_crop, left:left + args.vae_crop],)
         train_stage("vae", vae_loss, vae_batch, args, device, rank, world, args.vae_steps, args.vae_lr)

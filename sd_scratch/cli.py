@@ -20,17 +20,15 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from . import pipelines
-from .loading import BUILTIN_MODEL, load
-from .schedulers import SAMPLERS
+from .checkpoints.load import BUILTIN_MODEL, load
+from .noise_schedule import SPACINGS
+from .prompts import LONG_PROMPT_MODES
+from .samplers import ALIASES, DEFAULT_SPACING, SAMPLERS
+from .stable_diffusion import DTYPES
 
 PROG = "sd-scratch"
 DEFAULT_CHECKPOINT = str(BUILTIN_MODEL)  # the built-in shapes model, weights/README.md
-BUILTIN_SIZE = 64  # the built-in model draws 64×64 images; other checkpoints default to 512×512
 RANDOM_SEED = -1
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Our sampler names -> the names AUTOMATIC1111 writes in "Sampler:".
-A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "pndm": "PLMS", "plms": "PLMS", "euler": "Euler",
-                       "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
 
 
 class UsageError(Exception):
@@ -66,8 +64,8 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--image", required=True, metavar="PATH", help="the input image")
     if command == "inpaint":
         p.add_argument("--mask", required=True, metavar="PATH", help="white = repaint, black = keep")
-    size_help = ("a multiple of 8 (default: 512, or 64 for the built-in model)" if command == "txt2img"
-                 else "a multiple of 8 (default: the image's)")
+    size_help = ("a multiple of 8 (default: the model's native size: 512 for SD v1, 64 for the built-in model)"
+                 if command == "txt2img" else "a multiple of 8 (default: the image's)")
     p.add_argument("--height", type=int, default=None, help=size_help)
     p.add_argument("--width", type=int, default=None, help=size_help)
     if command != "txt2img":
@@ -77,15 +75,18 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--seed", type=_seed, default=0,
                    help=f"random seed, {RANDOM_SEED} for a random one (printed and recorded) (default: %(default)s)")
-    p.add_argument("--scheduler", choices=[*SAMPLERS, "plms"], default="ddim", help="sampler (default: %(default)s)")
+    p.add_argument("--scheduler", choices=[*SAMPLERS, *ALIASES], default="ddim", help="sampler (default: %(default)s)")
     p.add_argument("--karras", action="store_true", help="Karras et al.'s noise levels")
+    defaults = ", ".join(f"{name} {spacing}" for name, spacing in DEFAULT_SPACING.items())
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
+                   help=f"which timesteps the sampler visits (default: the sampler's own, as in diffusers: {defaults})")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's η: 0 deterministic, 1 like DDPM (default: %(default)s)")
     p.add_argument("--clip-skip", type=int, default=0, help="skip the last N text encoder layers (default: %(default)s)")
-    p.add_argument("--long-prompts", choices=pipelines.LONG_PROMPT_MODES, default="truncate",
+    p.add_argument("--long-prompts", choices=LONG_PROMPT_MODES, default="truncate",
                    help="over 75 tokens: truncate (with a warning) or encode in chunks of 75 (default: %(default)s)")
     p.add_argument("--num-images", type=int, default=1, help="images to make (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default: %(default)s)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default: %(default)s)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights' precision (default: %(default)s)")
     p.add_argument("-o", "--output", default="out.png", metavar="PATH",
                    help="the PNG to write (default: %(default)s); with --num-images N > 1, STEM-0.png ... "
                         "STEM-{N-1}.png next to it")
@@ -120,23 +121,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.seed == RANDOM_SEED:
         print(f"{PROG}: seed {seed}", file=sys.stderr)
     settings = dict(steps=args.steps, guidance_scale=args.guidance, seed=seed, scheduler=args.scheduler,
-                    num_images=args.num_images, eta=args.eta, karras=args.karras, clip_skip=args.clip_skip,
-                    long_prompts=args.long_prompts)
+                    num_images=args.num_images, eta=args.eta, karras=args.karras, spacing=args.spacing,
+                    clip_skip=args.clip_skip, long_prompts=args.long_prompts)
     _check_device(args.device)
     # Everything but the image size is checked before the (slow) load; height and width must divide
     # by the VAE's factor, which only the loaded model knows.
     pipelines.GenerationSettings(**settings).check(factor=1)
     if args.command != "txt2img":
-        pipelines._check_strength(args.strength, args.steps)
+        pipelines.check_strength(args.strength, args.steps)
 
-    sd = load(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
+    sd = load(args.checkpoint, device=args.device, dtype=args.dtype)
     if args.fast:
         sd.optimize()
     if args.low_memory:
         sd.set_attention_slicing().set_vae_tiling()
-    if args.command == "txt2img":
-        size = BUILTIN_SIZE if args.checkpoint == DEFAULT_CHECKPOINT else 512
-        args.height, args.width = args.height or size, args.width or size
+    # No --height/--width: txt2img draws at the model's native size, the others at the image's.
     common = dict(height=args.height, width=args.width, progress=not args.quiet, **settings)
     if args.command == "txt2img":
         images = pipelines.txt2img(sd, prompt, args.negative_prompt, **common)
@@ -145,33 +144,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         images = pipelines.inpaint(sd, prompt, args.image, args.mask, args.negative_prompt, strength=args.strength,
                                    **common)
-    text = parameters_text(prompt, args.negative_prompt, settings, images[0].size, Path(args.checkpoint).stem,
-                           getattr(args, "strength", None))
     for image, path in zip(images, outputs):
         info = PngInfo()
-        info.add_text("parameters", text)
+        info.add_text("parameters", image.info["parameters"])  # the settings, as the pipeline recorded them
         image.save(path, format="PNG", pnginfo=info)
         print(path)
     return 0
-
-
-def parameters_text(prompt: str, negative_prompt: str, settings: dict, size: tuple[int, int], model: str,
-                    strength: float | None = None) -> str:
-    """The `parameters` chunk as AUTOMATIC1111 writes it: the prompt, `Negative prompt: ...` (when
-    there is one), then one line of `Key: value` pairs. A1111 counts clip skip from 1 (1 = last layer)."""
-    sampler = A1111_SAMPLER_NAMES.get(settings["scheduler"], settings["scheduler"])
-    fields = {"Steps": settings["steps"], "Sampler": sampler + (" Karras" if settings["karras"] else ""),
-              "CFG scale": settings["guidance_scale"], "Seed": settings["seed"], "Size": f"{size[0]}x{size[1]}",
-              "Model": model}
-    if settings["num_images"] > 1:
-        fields["Batch size"] = settings["num_images"]  # one seed: the whole batch comes from one generator
-    if strength is not None:
-        fields["Denoising strength"] = strength
-    if settings["clip_skip"] > 0:
-        fields["Clip skip"] = settings["clip_skip"] + 1
-    lines = [prompt, f"Negative prompt: {negative_prompt}" if negative_prompt else None,
-             ", ".join(f"{key}: {value}" for key, value in fields.items())]
-    return "\n".join(line for line in lines if line is not None)
 
 
 def _prompt(args: argparse.Namespace) -> str:

@@ -5,9 +5,13 @@ code sample declares guidance_scale but never uses it):
 
     prompt ──tokenizer──► ids ──text encoder──► context (B,77,768); the negative prompt likewise
     seed ──► x_T ~ N(0, I), (B,4,H/8,W/8), scaled by the sampler's initial σ
-    for each timestep t:  ε = ε_uncond + w·(ε_cond − ε_uncond)      (one UNet call on both halves)
+    for each timestep t:  ε = model(x_t, t)         the model function of guidance.py: the UNet call,
+                                                     the concat condition, ε_uncond + w·(ε_cond − ε_uncond)
                           x_{t−1} = sampler.step(ε, x_t)
-    x_0 / 0.18215 ──VAE decoder──► image in [-1, 1] ──► uint8 pixels
+    x_0 / 0.18215 ──VAE decoder──► image in [-1, 1] ──► uint8 pixels   (images.py)
+
+The loop, `denoise`, takes only the model function and the sampler: what the UNet is conditioned
+on is a layer of the model function, not a parameter of the loop.
 
 img2img (`004 · 图生图`, SDEdit) encodes the image, noises its latent to the step that `strength`
 picks and denoises from there. Inpainting keeps the unmasked region: with the 9-channel inpainting
@@ -16,32 +20,34 @@ UNet by conditioning on the mask and the masked image's latent, with an ordinary
 
 Seeds work as in other SD tools: all random draws come from one `torch.Generator("cpu")` seeded
 with `seed`, in diffusers' order (VAE posterior sample, initial noise, ancestral noise), so a seed
-gives diffusers' picture on any device.
+gives diffusers' picture on any device. Every returned image carries its settings, the seed
+included, in `image.info["parameters"]` (AUTOMATIC1111's text, as the CLI writes it into the PNG).
 """
 from __future__ import annotations
 
-import math
 import random
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .schedulers import SAMPLERS, make_sampler
-from .tokenizer import CONTEXT_LENGTH, END_OF_TEXT, START_OF_TEXT
-from .vae import LATENT_SCALE
+from .guidance import ClassifierFreeGuidance, ConcatCondition, UNetCall, Unguided
+from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
+from .noise_schedule import SPACINGS, draw_noise
+from .prompts import LONG_PROMPT_MODES, as_prompt_list, encode_prompts
+from .samplers import DEFAULT_SPACING, Sampler, make_sampler, sampler_name
 
 if TYPE_CHECKING:
+    from .guidance import Prediction
     from .stable_diffusion import StableDiffusion
 
-PROMPT_TOKENS = CONTEXT_LENGTH - 2  # 75 tokens between <|startoftext|> and <|endoftext|>
-LONG_PROMPT_MODES = ("truncate", "chunk")
+# Our sampler names -> the names AUTOMATIC1111 writes in "Sampler:".
+A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
+                       "dpmpp_2m": "DPM++ 2M"}
 
 
 @dataclass
@@ -58,7 +64,8 @@ class StepInfo:
 
 @dataclass
 class GenerationSettings:
-    """The arguments every pipeline shares, checked once."""
+    """The arguments every pipeline shares, checked once. height/width None: txt2img takes the
+    model family's native resolution, img2img and inpainting the image's size."""
 
     height: int | None = None
     width: int | None = None
@@ -69,6 +76,7 @@ class GenerationSettings:
     num_images: int = 1
     eta: float = 0.0
     karras: bool = False
+    spacing: str | None = None  # the timestep spacing; None: the sampler's own default (DEFAULT_SPACING)
     clip_skip: int = 0
     long_prompts: str = "truncate"
 
@@ -84,8 +92,12 @@ class GenerationSettings:
             raise ValueError(f"guidance_scale must be ≥ 0, got {self.guidance_scale!r}")
         if not isinstance(self.num_images, int) or self.num_images < 1:
             raise ValueError(f"num_images must be an integer ≥ 1, got {self.num_images!r}")
-        if self.scheduler not in SAMPLERS and self.scheduler != "plms":
-            raise ValueError(f"scheduler must be one of {', '.join(SAMPLERS)}, got {self.scheduler!r}")
+        try:
+            sampler_name(self.scheduler)
+        except ValueError as err:
+            raise ValueError(f"scheduler: {err}") from None
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)} or None, got {self.spacing!r}")
         if not self.eta >= 0:
             raise ValueError(f"eta must be ≥ 0, got {self.eta!r}")
         if self.long_prompts not in LONG_PROMPT_MODES:
@@ -100,61 +112,122 @@ class GenerationSettings:
         the formula); for an unconditional picture, prompt with ""."""
         return self.guidance_scale > 1.0
 
-
-# ---- prompts --------------------------------------------------------------------------------------
-
-def _as_list(prompt: str | list[str], name: str) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    def sampler(self) -> Sampler:
+        return make_sampler(self.scheduler, self.steps, spacing=self.spacing, karras=self.karras, eta=self.eta)
 
 
-def encode_prompts(sd: StableDiffusion, prompts: list[str], negatives: list[str], s: GenerationSettings) -> torch.Tensor:
-    """Text embeddings for the UNet: (2·N, T, C) as [uncond; cond] with guidance, else (N, T, C),
-    where N = len(prompts) · num_images (each prompt's images next to each other)."""
-    texts = (negatives + prompts) if s.guided else prompts
-    if s.long_prompts == "truncate":
-        context = sd.text_encoder(sd.tokenizer(texts).to(sd.device), clip_skip=s.clip_skip)
-    else:
-        context = _encode_in_chunks(sd, texts, s.clip_skip)
-    return context.repeat_interleave(s.num_images, dim=0)
+def parameters_text(prompt: str, negative_prompt: str, s: GenerationSettings, size: tuple[int, int], model: str,
+                    strength: float | None = None) -> str:
+    """The settings as AUTOMATIC1111 writes them into a PNG's `parameters` chunk: the prompt,
+    `Negative prompt: ...` (when there is one), then one line of `Key: value` pairs. A1111 counts
+    clip skip from 1 (1 = the last layer). The spacing is written only when it is not the sampler's
+    default (A1111 has no such key)."""
+    name = sampler_name(s.scheduler)
+    fields = {"Steps": s.steps, "Sampler": A1111_SAMPLER_NAMES[name] + (" Karras" if s.karras else ""),
+              "CFG scale": s.guidance_scale, "Seed": s.seed, "Size": f"{size[0]}x{size[1]}", "Model": model}
+    if s.num_images > 1:
+        fields["Batch size"] = s.num_images  # one seed: the whole batch comes from one generator
+    if strength is not None:
+        fields["Denoising strength"] = strength
+    if s.clip_skip > 0:
+        fields["Clip skip"] = s.clip_skip + 1
+    if s.eta:
+        fields["Eta"] = s.eta
+    if s.spacing is not None and s.spacing != DEFAULT_SPACING[name]:
+        fields["Timestep spacing"] = s.spacing
+    lines = [prompt, f"Negative prompt: {negative_prompt}" if negative_prompt else None,
+             ", ".join(f"{key}: {value}" for key, value in fields.items())]
+    return "\n".join(line for line in lines if line is not None)
 
 
-def _encode_in_chunks(sd: StableDiffusion, texts: list[str], clip_skip: int) -> torch.Tensor:
-    """Long prompts as AUTOMATIC1111 encodes them: split the tokens into chunks of 75, encode each
-    chunk as its own 77-token sequence, and concatenate the embeddings along the token axis. Every
-    text gets as many chunks as the longest (empty chunks pad the others)."""
-    token_lists = [sd.tokenizer.encode(t)[1:-1] for t in texts]  # without start/end tokens
-    n_chunks = max(1, *(math.ceil(len(ids) / PROMPT_TOKENS) for ids in token_lists))
-    chunks = []
-    for ids in token_lists:
-        for c in range(n_chunks):
-            piece = ids[c * PROMPT_TOKENS:(c + 1) * PROMPT_TOKENS]
-            chunks.append([START_OF_TEXT, *piece, END_OF_TEXT] + [END_OF_TEXT] * (PROMPT_TOKENS - len(piece)))
-    ids = torch.tensor(chunks, device=sd.device)  # (texts · chunks, 77)
-    context = sd.text_encoder(ids, clip_skip=clip_skip)
-    return context.reshape(len(texts), n_chunks * CONTEXT_LENGTH, -1)
+# ---- the loop -------------------------------------------------------------------------------------
+
+def denoise(model: Callable[[torch.Tensor, torch.Tensor], Prediction], sampler: Sampler, x: torch.Tensor,
+            generator: torch.Generator, begin: int = 0, after_step: Callable | None = None,
+            callback: Callable[[StepInfo], None] | None = None, progress: bool = True) -> torch.Tensor:
+    """Run the sampler from timestep index `begin` to the end; return the final latent x_0.
+    `model(x, t)` is the model function of `guidance.py`, conditioning and guidance included;
+    `after_step(i, x)` may change x after each step (inpainting with an ordinary UNet)."""
+    indices = range(begin, len(sampler.timesteps))
+    for n, i in enumerate(tqdm(indices, desc="denoising", disable=not progress, leave=False)):
+        t = sampler.timesteps[i]
+        prediction = model(sampler.scale_model_input(x, i), t)
+        result = sampler.step(prediction.eps, i, x, generator=generator)
+        x = result.prev_sample
+        if after_step is not None:
+            x = after_step(i, x)
+        if callback is not None:
+            callback(StepInfo(n, int(t), x, result.x0_pred, prediction.eps_cond, prediction.eps_uncond))
+    return x
 
 
-# ---- images ---------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What the three pipelines share once the settings are checked: the prompts (each repeated
+    num_images times), their embeddings, the seeded generator, the sampler and its first index."""
 
-def _open_image(image, name: str) -> Image.Image:
-    if isinstance(image, (str, Path)):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{name}: cannot read {image!r} as an image ({err})") from None
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"{name} must be a PIL image, an image file path or a uint8 array, got {type(image).__name__}")
-    return image
+    prompts: list[str]
+    negatives: list[str]
+    cond: torch.Tensor  # (B, T, C)
+    uncond: torch.Tensor | None  # (B, T, C), or None without guidance
+    generator: torch.Generator
+    sampler: Sampler
+    begin: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
 
 
-def _default_size(image: Image.Image, s: GenerationSettings, factor: int) -> tuple[int, int]:
+def _start(sd: StableDiffusion, prompt, negative_prompt, s: GenerationSettings, strength: float = 1.0) -> _Run:
+    s.check(sd.vae.config.factor)
+    first = check_strength(strength, s.steps)
+    prompts = as_prompt_list(prompt, "prompt")
+    negatives = as_prompt_list(negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"negative_prompt must be one string or one per prompt ({len(prompts)}), got {len(negatives)}")
+    if s.seed is None:
+        s.seed = random.randrange(2**32)  # recorded in every image's parameters
+    generator = torch.Generator("cpu").manual_seed(s.seed)
+    texts = (negatives + prompts) if s.guided else prompts  # one text-encoder batch, unconditional first
+    context = encode_prompts(sd, texts, s.clip_skip, s.long_prompts).repeat_interleave(s.num_images, dim=0)
+    uncond, cond = context.chunk(2) if s.guided else (None, context)
+    sampler = s.sampler()
+    begin = first * sampler.order
+    sampler.start_at(begin)
+    repeat = [p for p in prompts for _ in range(s.num_images)]
+    negatives = [p for p in negatives for _ in range(s.num_images)]
+    return _Run(repeat, negatives, cond, uncond, generator, sampler, begin)
+
+
+def _model(sd: StableDiffusion, run: _Run, s: GenerationSettings, condition: torch.Tensor | None = None):
+    """The model function of `guidance.py` for this run: the UNet call, the concat condition if
+    any, then classifier-free guidance or none."""
+    eps_of = UNetCall(sd.unet, sd.prediction_type)
+    if condition is not None:
+        eps_of = ConcatCondition(eps_of, condition)
+    if s.guided:
+        return ClassifierFreeGuidance(eps_of, run.cond, run.uncond, s.guidance_scale)
+    return Unguided(eps_of, run.cond)
+
+
+def _finish(sd: StableDiffusion, x: torch.Tensor, run: _Run, s: GenerationSettings,
+            strength: float | None = None) -> list[Image.Image]:
+    """Decode, and put every image's settings (its seed included) into `image.info["parameters"]`,
+    in AUTOMATIC1111's text, as the CLI writes them into the PNG."""
+    images = decode(sd, x)
+    for image, prompt, negative in zip(images, run.prompts, run.negatives):
+        image.info["parameters"] = parameters_text(prompt, negative, s, image.size, sd.name, strength)
+    return images
+
+
+def _noise(shape, run: _Run, sd: StableDiffusion) -> torch.Tensor:
+    return draw_noise(shape, run.generator, sd.device, sd.dtype)
+
+
+def _size_from_image(image: Image.Image, s: GenerationSettings, factor: int) -> tuple[int, int]:
     """(height, width): as given, else the image's size rounded down to a multiple of the VAE factor."""
     width = s.width or image.width - image.width % factor
     height = s.height or image.height - image.height % factor
@@ -163,121 +236,9 @@ def _default_size(image: Image.Image, s: GenerationSettings, factor: int) -> tup
     return height, width
 
 
-def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """PIL image (any mode: RGBA, palette and grayscale become RGB) -> (1, 3, H, W) in [-1, 1]."""
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3) in [0, 1]
-    return pixels.permute(2, 0, 1)[None] * 2.0 - 1.0
-
-
-def mask_to_tensor(mask: Image.Image, height: int, width: int) -> torch.Tensor:
-    """Mask image -> (1, 1, H, W) of 0 (keep) and 1 (repaint): grayscale, threshold at one half."""
-    mask = mask.convert("L")
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), Image.LANCZOS)
-    values = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
-    return (values >= 0.5).float()[None, None]
-
-
-def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images (values outside [-1, 1] are clipped to the pixel range)."""
-    pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
-
-
-# ---- the loop -------------------------------------------------------------------------------------
-
-def _vae_encode_sample(sd: StableDiffusion, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Image (1,3,H,W) -> a scaled latent sample (1,4,H/8,W/8), drawing from `generator`."""
-    vae_dtype = next(sd.vae.parameters()).dtype
-    posterior = sd.vae.encode(image.to(sd.device, vae_dtype))
-    return (posterior.sample(generator) * LATENT_SCALE).to(sd.dtype)
-
-
-def _randn(shape, generator: torch.Generator, sd: StableDiffusion) -> torch.Tensor:
-    """Noise drawn on the CPU in float32 (so a seed gives the same numbers on every device), then moved."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(sd.device, sd.dtype)
-
-
-def denoise(sd: StableDiffusion, sampler, x: torch.Tensor, context: torch.Tensor, s: GenerationSettings,
-            generator: torch.Generator, begin: int = 0, inpaint_condition: torch.Tensor | None = None,
-            after_step: Callable | None = None, callback: Callable[[StepInfo], None] | None = None,
-            progress: bool = True) -> torch.Tensor:
-    """Run the sampler from timestep index `begin` to the end; return the final latent x_0."""
-    indices = range(begin, len(sampler.timesteps))
-    for n, i in enumerate(tqdm(indices, desc="denoising", disable=not progress, leave=False)):
-        t = sampler.timesteps[i]
-        x_in = torch.cat([x, x]) if s.guided else x  # (2B, 4, h, w): uncond half, cond half
-        x_in = sampler.scale_model_input(x_in, i)
-        if inpaint_condition is not None:  # 9-channel UNet: + mask + masked image latent
-            x_in = torch.cat([x_in, inpaint_condition], dim=1)
-        eps = sd.unet(x_in, t, context)
-        if s.guided:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + s.guidance_scale * (eps_cond - eps_uncond)
-        else:
-            eps_uncond, eps_cond = None, eps
-        result = sampler.step(eps, i, x, generator=generator)
-        x = result.prev_sample
-        if after_step is not None:
-            x = after_step(i, x)
-        if callback is not None:
-            callback(StepInfo(n, int(t), x, result.x0_pred, eps_cond, eps_uncond))
-    return x
-
-
-def decode(sd: StableDiffusion, latents: torch.Tensor) -> list[Image.Image]:
-    """x_0 -> images, decoded in the VAE's own dtype (fp32 unless asked otherwise), in tiles if
-    `sd.set_vae_tiling` asked for them; NaN raises."""
-    z = latents.to(next(sd.vae.parameters()).dtype) / LATENT_SCALE
-    images = sd.vae.decode(z) if sd.vae_tile is None else sd.vae.decode_tiled(z, sd.vae_tile)
-    if not torch.isfinite(images).all():
-        raise FloatingPointError("the decoded image contains NaN or Inf values (with fp16 try dtype='fp32' or "
-                                 "keep the VAE in fp32); no picture was made")
-    return tensor_to_images(images)
-
-
-def _start(sd, prompt, negative_prompt, s: GenerationSettings, strength: float = 1.0):
-    """What the three pipelines share: the checks, the seeded generator, the text embeddings, and the
-    sampler with the index of its first step (0, or later for img2img/inpainting with strength < 1).
-    Returns (batch, context, generator, sampler, begin)."""
-    s.check(sd.vae.config.factor)
-    first = _check_strength(strength, s.steps)
-    prompts = _as_list(prompt, "prompt")
-    negatives = _as_list(negative_prompt, "negative_prompt")
-    if len(negatives) == 1:
-        negatives = negatives * len(prompts)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"negative_prompt must be one string or one per prompt ({len(prompts)}), got {len(negatives)}")
-    if s.seed is None:
-        s.seed = random.randrange(2**32)
-    generator = torch.Generator("cpu").manual_seed(s.seed)
-    context = encode_prompts(sd, prompts, negatives, s)
-    sampler = make_sampler(s.scheduler, s.steps, karras=s.karras, eta=s.eta)
-    begin = first * sampler.order
-    sampler.start_at(begin)
-    return len(prompts) * s.num_images, context, generator, sampler, begin
-
-
-@torch.no_grad()
-def txt2img(sd: StableDiffusion, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
-            height: int = 512, width: int = 512, callback=None, progress: bool = True, **settings) -> list[Image.Image]:
-    """Text to image. `settings`: steps, guidance_scale, seed, scheduler, num_images, eta, karras,
-    clip_skip, long_prompts (see GenerationSettings)."""
-    s = GenerationSettings(height=height, width=width, **settings)
-    batch, context, generator, sampler, _ = _start(sd, prompt, negative_prompt, s)
-    factor = sd.vae.config.factor
-    x = _randn((batch, sd.unet.config.out_channels, height // factor, width // factor), generator, sd)
-    x = x * sampler.init_noise_sigma
-    x = denoise(sd, sampler, x, context, s, generator, callback=callback, progress=progress)
-    return decode(sd, x)
-
-
-def _check_strength(strength: float, steps: int) -> int:
+def check_strength(strength: float, steps: int) -> int:
     """The index of the first step to run: strength 1 runs all `steps`, 0.5 the last half."""
-    if not 0 < strength <= 1:
+    if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
     steps_run = min(int(steps * strength), steps)
     if steps_run < 1:
@@ -286,19 +247,36 @@ def _check_strength(strength: float, steps: int) -> int:
 
 
 @torch.no_grad()
+def txt2img(sd: StableDiffusion, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
+            height: int | None = None, width: int | None = None, callback=None, progress: bool = True,
+            **settings) -> list[Image.Image]:
+    """Text to image. height/width default to the model family's native resolution (512 for SD v1,
+    64 for the built-in model). `settings`: steps, guidance_scale, seed, scheduler, num_images, eta,
+    karras, spacing, clip_skip, long_prompts (see GenerationSettings)."""
+    s = GenerationSettings(height=height, width=width, **settings)
+    run = _start(sd, prompt, negative_prompt, s)
+    s.height, s.width = s.height or sd.native_resolution, s.width or sd.native_resolution
+    factor = sd.vae.config.factor
+    x = _noise((run.batch, sd.unet.config.out_channels, s.height // factor, s.width // factor), run, sd)
+    x = x * run.sampler.init_noise_sigma
+    x = denoise(_model(sd, run, s), run.sampler, x, run.generator, callback=callback, progress=progress)
+    return _finish(sd, x, run, s)
+
+
+@torch.no_grad()
 def img2img(sd: StableDiffusion, prompt: str | list[str], image, negative_prompt: str | list[str] = "", *,
             strength: float = 0.8, height: int | None = None, width: int | None = None, callback=None,
             progress: bool = True, **settings) -> list[Image.Image]:
     """SDEdit: encode `image`, noise it to the step `strength` picks (1 = pure noise), denoise from there."""
     s = GenerationSettings(height=height, width=width, **settings)
-    image = _open_image(image, "image")
-    batch, context, generator, sampler, begin = _start(sd, prompt, negative_prompt, s, strength)
-    height, width = _default_size(image, s, sd.vae.config.factor)
-    x0 = _vae_encode_sample(sd, image_to_tensor(image, height, width), generator).repeat(batch, 1, 1, 1)
-    noise = _randn(x0.shape, generator, sd)
-    x = sampler.add_noise(x0, noise, begin)
-    x = denoise(sd, sampler, x, context, s, generator, begin=begin, callback=callback, progress=progress)
-    return decode(sd, x)
+    image = open_image(image, "image")
+    run = _start(sd, prompt, negative_prompt, s, strength)
+    s.height, s.width = _size_from_image(image, s, sd.vae.config.factor)
+    x0 = encode(sd, image_to_tensor(image, s.height, s.width), run.generator).repeat(run.batch, 1, 1, 1)
+    x = run.sampler.add_noise(x0, _noise(x0.shape, run, sd), run.begin)
+    x = denoise(_model(sd, run, s), run.sampler, x, run.generator, begin=run.begin, callback=callback,
+                progress=progress)
+    return _finish(sd, x, run, s, strength)
 
 
 @torch.no_grad()
@@ -309,39 +287,39 @@ def inpaint(sd: StableDiffusion, prompt: str | list[str], image, mask, negative_
     if sd.unet.config.in_channels not in (4, 9):
         raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {sd.unet.config.in_channels}")
     s = GenerationSettings(height=height, width=width, **settings)
-    image, mask = _open_image(image, "image"), _open_image(mask, "mask")
+    image, mask = open_image(image, "image"), open_image(mask, "mask")
     if mask.size != image.size:
         warnings.warn(f"mask is {mask.width}×{mask.height} but image is {image.width}×{image.height}; "
                       "the mask is resized to the image", stacklevel=2)
         mask = mask.resize(image.size, Image.LANCZOS)
-    batch, context, generator, sampler, begin = _start(sd, prompt, negative_prompt, s, strength)
+    run = _start(sd, prompt, negative_prompt, s, strength)
     factor = sd.vae.config.factor
-    height, width = _default_size(image, s, factor)
+    s.height, s.width = _size_from_image(image, s, factor)
     nine_channels = sd.unet.config.in_channels == 9
+    sampler, batch = run.sampler, run.batch
 
-    pixels = image_to_tensor(image, height, width)
-    m = mask_to_tensor(mask, height, width)  # (1, 1, H, W), 1 = repaint
-    latent_shape = (batch, sd.unet.config.out_channels, height // factor, width // factor)
+    pixels = image_to_tensor(image, s.height, s.width)
+    m = mask_to_tensor(mask, s.height, s.width)  # (1, 1, H, W), 1 = repaint
+    latent_shape = (batch, sd.unet.config.out_channels, s.height // factor, s.width // factor)
     # The draws, in diffusers' order: the image's latent (when it is needed), the noise, then the
     # masked image's latent.
     known = None
     if not nine_channels or strength < 1:
-        known = _vae_encode_sample(sd, pixels, generator).repeat(batch, 1, 1, 1)
-    noise = _randn(latent_shape, generator, sd)
-    x = noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(known, noise, begin)
-    masked_latent = _vae_encode_sample(sd, pixels * (m < 0.5), generator).repeat(batch, 1, 1, 1)
+        known = encode(sd, pixels, run.generator).repeat(batch, 1, 1, 1)
+    noise = _noise(latent_shape, run, sd)
+    x = noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(known, noise, run.begin)
+    masked_latent = encode(sd, pixels * (m < 0.5), run.generator).repeat(batch, 1, 1, 1)
     m_latent = F.interpolate(m, size=latent_shape[-2:]).to(sd.device, sd.dtype).repeat(batch, 1, 1, 1)
 
     condition, after_step = None, None
     if nine_channels:
         condition = torch.cat([m_latent, masked_latent], dim=1)  # (B, 1 + 4, h, w)
-        condition = torch.cat([condition, condition]) if s.guided else condition
     else:
         def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
             """Outside the mask, replace the latent by the known one noised to the next level."""
             x_known = sampler.add_noise(known, noise, i + 1) if i + 1 < len(sampler.timesteps) else known
             return (1 - m_latent) * x_known + m_latent * x
 
-    x = denoise(sd, sampler, x, context, s, generator, begin=begin, inpaint_condition=condition,
-                after_step=after_step, callback=callback, progress=progress)
-    return decode(sd, x)
+    x = denoise(_model(sd, run, s, condition), sampler, x, run.generator, begin=run.begin, after_step=after_step,
+                callback=callback, progress=progress)
+    return _finish(sd, x, run, s, strength)

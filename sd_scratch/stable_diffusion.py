@@ -6,28 +6,65 @@ pipelines are built on it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from PIL import Image
 
 from . import pipelines
+from .memory.vae_tiling import check_tile
 from .text_encoder import CLIPTextEncoder
 from .tokenizer import CLIPTokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
-from .vae_tiling import check_tile
+
+if TYPE_CHECKING:
+    from .checkpoints.families import Family
+
+# The names a dtype may be given by, in the API and on the command line.
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def as_dtype(dtype: torch.dtype | str, name: str = "dtype") -> torch.dtype:
+    """A floating torch dtype, or one of DTYPES' names, as a torch dtype; anything else is an error."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"{name} must be a floating torch dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+
+
+def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype when none is asked for: the model's, except float32 for fp16, because SD's VAE
+    overflows in fp16 and decodes NaN (black pictures)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class StableDiffusion:
-    """Holds `.tokenizer`, `.text_encoder`, `.unet`, `.vae`, and `.report` (what loading read and chose)."""
+    """Holds `.tokenizer`, `.text_encoder`, `.unet`, `.vae`, the `.family` they belong to (native size,
+    prediction type; `checkpoints/families.py`), `.name` and `.report` (what loading read and chose)."""
 
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, unet: UNet, vae: AutoencoderKL,
-                 report=None):
+                 family: Family, name: str = "sd-scratch", report=None):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.unet = unet
         self.vae = vae
+        self.family = family
+        self.name = name  # the model's name in the pictures' parameters ("Model: ...")
         self.report = report
         self.vae_tile: int | None = None  # decode in tiles of this many latent pixels (None: whole)
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side, in pixels, the family was trained at: the default height and width."""
+        return self.family.native_resolution
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon" (the noise) for every family sd-scratch loads today."""
+        return self.family.prediction_type
 
     @property
     def device(self) -> torch.device:
@@ -37,6 +74,10 @@ class StableDiffusion:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device=device, dtype=dtype)
@@ -44,10 +85,12 @@ class StableDiffusion:
 
     def optimize(self, compile: bool = True) -> StableDiffusion:
         """The fast mode: the UNet (where nearly all the time goes) in channels_last memory layout
-        and compiled with torch.compile. The first call with each new input shape compiles (slow)."""
+        and compiled with torch.compile. The first call with each new input shape compiles (slow).
+        The module stays the same `UNet` (only its forward is compiled), so its weights keep their
+        names: `save_single_file` and `state_dict()` work as before."""
         self.unet.to(memory_format=torch.channels_last)
         if compile:
-            self.unet = torch.compile(self.unet)
+            self.unet.compile()
         return self
 
     def set_attention_slicing(self, slice_size: int | None = 1024) -> StableDiffusion:
@@ -62,7 +105,7 @@ class StableDiffusion:
 
     def set_vae_tiling(self, tile: int | None = 64) -> StableDiffusion:
         """Decode the pipelines' images `tile`×`tile` latent pixels at a time (None: whole): the same
-        numbers, less memory for large images, a little slower; see `vae_tiling.py`."""
+        numbers, less memory for large images, a little slower; see `memory/vae_tiling.py`."""
         if tile is not None:
             check_tile(tile)  # now, not at the first decode
         self.vae_tile = tile

@@ -233,9 +233,16 @@ class CLIPTokenizer:
                     f"dropped: {self.decode(ids[MAX_PROMPT_TOKENS:])!r}",
                     stacklevel=2,
                 )
-            row = [self.start_id, *ids[:MAX_PROMPT_TOKENS], self.end_id]
-            rows.append(row + [self.pad_id] * (CONTEXT_LENGTH - len(row)))
+            rows.append(self.row(ids[:MAX_PROMPT_TOKENS]))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), CONTEXT_LENGTH)
+
+    def row(self, ids: list[int]) -> list[int]:
+        """The 77 ids the text encoder reads for up to 75 prompt ids: start, the ids, end, then this
+        tokenizer's pad id (SD v1's CLIP pads with the end id, 49407; other families with 0)."""
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise ValueError(f"a row holds at most {MAX_PROMPT_TOKENS} prompt ids, got {len(ids)}")
+        row = [self.start_id, *ids, self.end_id]
+        return row + [self.pad_id] * (CONTEXT_LENGTH - len(row))
 
     def explain(self, text: str) -> str:
         """Each step of `encode` for `text`, as printable lines."""

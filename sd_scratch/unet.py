@@ -12,7 +12,7 @@ the timestep t and the text embeddings, predict the noise ε that was added.
 
 Module attribute names equal the diffusers-folder keys (`down_blocks.0.resnets.1.conv1.weight`), so
 those weights load with `load_state_dict(strict=True)`; the CompVis single-file keys
-(`model.diffusion_model.input_blocks.1.0.in_layers.2.weight`) go through `checkpoint_keys.py`.
+(`model.diffusion_model.input_blocks.1.0.in_layers.2.weight`) go through `checkpoints/rules.py`.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
+from .noise_schedule import randn_like
 
 # SD v1's `configs/stable-diffusion/v1-inference.yaml`, `scale_factor: 0.18215`: the pipeline
 # multiplies encoder latents by it (and divides before decoding) so that they have about unit
@@ -99,11 +100,9 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mean + std·ε. ε is drawn on the generator's device as diffusers does, so the same
-        seeded generator gives the same z."""
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        """z = mean + std·ε, ε drawn by `noise_schedule.draw_noise` (as diffusers draws it, so the same
+        seeded generator gives the same z)."""
+        return self.mean + self.std * randn_like(self.mean, generator)
 
     def mode(self) -> torch.Tensor:
         """The most likely latent, the mean (deterministic encoding)."""
@@ -280,11 +279,6 @@ class AutoencoderKL(nn.Module):
         """(B, 4, h, w) unscaled latent -> (B, 3, 8h, 8w) image, about [-1, 1] but not clamped."""
         self._check(z, self.config.latent_channels, "latents")
         return self.decoder(self.post_quant_conv(z))
-
-    def decode_tiled(self, z: torch.Tensor, tile: int = 64, store: str | torch.device | None = "cpu") -> torch.Tensor:
-        """`decode` computed tile×tile latent pixels at a time, with the same numbers; see `vae_tiling.py`."""
-        from .vae_tiling import decode_tiled  # vae_tiling builds on this module
-        return decode_tiled(self, z, tile, store)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruct: decode the mean latent of `images`."""

@@ -141,7 +141,7 @@ def single_file_layout(models: dict) -> dict[str, torch.Tensor]:
     """The reference models' weights under the CompVis single-file names, through our inverse key map,
     with the extra tensors `v1-5-pruned-emaonly.safetensors` also carries (the training schedule's
     buffers, LitEma's counters, CLIP's position_ids)."""
-    from sd_scratch.checkpoint_keys import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, convert, unet_rules,
+    from sd_scratch.checkpoints.rules import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, convert, unet_rules,
                                             vae_rules)
     from sd_scratch.unet import UNetConfig
     from sd_scratch.vae import VAEConfig

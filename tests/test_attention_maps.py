@@ -5,8 +5,8 @@ import torch
 from einops import rearrange
 
 import sd_scratch
-from sd_scratch.attention_maps import CrossAttentionMaps, attention_probs
-from sd_scratch.training import tiny_configs
+from sd_scratch.lab.attention_maps import CrossAttentionMaps, attention_probs
+from sd_scratch.training.losses import tiny_configs
 from sd_scratch.unet import TransformerBlock, UNet
 
 TOKENS = 77

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_scratch.checkpoint_files import (
+from sd_scratch.checkpoints.files import (
     CheckpointError,
     read_checkpoint,
     read_sharded,

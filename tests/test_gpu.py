@@ -8,7 +8,7 @@ TF32 is switched off here, so that fp32 means fp32 (cuDNN uses TF32 for convolut
 import pytest
 import torch
 
-from sd_scratch.loading import from_single_file_state_dict
+from sd_scratch.checkpoints.load import from_single_file_state_dict
 from tests.reference import make_reference_models, rel_err, single_file_layout
 
 pytestmark = [pytest.mark.full_size, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sd_scratch
-from sd_scratch.checkpoint_files import CheckpointError
-from sd_scratch.loading import from_single_file_state_dict
+from sd_scratch.checkpoints.files import CheckpointError
+from sd_scratch.checkpoints.load import from_single_file_state_dict
 from tests.reference import (SD15_PARAMETERS, make_reference_models, rel_err, single_file_layout,
                              write_diffusers_folder)
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from sd_scratch.probes import capture, parameter_counts, shape_table, trace_shapes
-from sd_scratch.training import tiny_configs
+from sd_scratch.lab.probes import capture, parameter_counts, shape_table, trace_shapes
+from sd_scratch.training.losses import tiny_configs
 from sd_scratch.unet import UNet, UNetConfig
 
 

@@ -7,7 +7,8 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler)
 
-from sd_scratch.schedulers import SAMPLERS, betas_for, make_sampler
+from sd_scratch.noise_schedule import betas_for
+from sd_scratch.samplers import SAMPLERS, make_sampler
 from tests.reference import rel_err
 
 # diffusers' own np.array(tensor) calls warn under numpy 2; nothing of ours.

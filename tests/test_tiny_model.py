@@ -16,11 +16,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import sd_scratch
-from sd_scratch import shapes
-from sd_scratch.loading import BUILTIN_MODEL
+from sd_scratch.training import toy_shapes
+from sd_scratch.checkpoints.load import BUILTIN_MODEL
 from sd_scratch.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from sd_scratch.tokenizer import CLIPTokenizer
-from sd_scratch.training import DiffusionLoss, VAELoss, drop_captions, fold_latent_normalisation, tiny_configs
+from sd_scratch.training.losses import DiffusionLoss, VAELoss, drop_captions, fold_latent_normalisation, tiny_configs
 from sd_scratch.unet import UNet, UNetConfig
 from sd_scratch.vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
@@ -46,18 +46,18 @@ def test_the_shipped_file_is_small_and_loads_strictly_through_the_official_loade
 
 
 def test_a_seeded_generation_draws_the_colours_and_backgrounds_it_is_asked_for(builtin):
-    scenes = [shapes.Scene("large", "red", "circle", "in the center", "white"),
-              shapes.Scene("large", "blue", "square", "at the top left", "black"),
-              shapes.Scene("large", "yellow", "triangle", "at the bottom right", "gray"),
-              shapes.Scene("small", "green", "circle", "at the top right", "brown")]
+    scenes = [toy_shapes.Scene("large", "red", "circle", "in the center", "white"),
+              toy_shapes.Scene("large", "blue", "square", "at the top left", "black"),
+              toy_shapes.Scene("large", "yellow", "triangle", "at the bottom right", "gray"),
+              toy_shapes.Scene("small", "green", "circle", "at the top right", "brown")]
     images = builtin.txt2img([s.caption for s in scenes], height=64, width=64, steps=25, seed=0, progress=False)
     for scene, image in zip(scenes, images):
-        found = shapes.analyse(image)
+        found = toy_shapes.analyse(image)
         assert (found.color, found.background) == (scene.color, scene.background), scene.caption
 
 
 def test_the_latent_scale_suits_the_shipped_vae(builtin):
-    images, _ = shapes.make_dataset(shapes.train_scenes()[::8], 1, seed=0)
+    images, _ = toy_shapes.make_dataset(toy_shapes.train_scenes()[::8], 1, seed=0)
     with torch.no_grad():
         latents = builtin.vae.encode(images).mean * LATENT_SCALE
     assert abs(latents.std().item() - 1.0) < 0.1
@@ -66,7 +66,7 @@ def test_the_latent_scale_suits_the_shipped_vae(builtin):
 def test_folding_the_latent_scale_into_the_vae_changes_no_reconstruction():
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig(block_out_channels=(32, 32), layers_per_block=1)).eval()
-    images, _ = shapes.make_dataset(shapes.train_scenes()[:6], 1, seed=0)
+    images, _ = toy_shapes.make_dataset(toy_shapes.train_scenes()[:6], 1, seed=0)
     with torch.no_grad():
         before = vae(images)
         fold_latent_normalisation(vae, images)
@@ -91,7 +91,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     losses = [torch.nn.parallel.DistributedDataParallel(VAELoss(vae)),
               torch.nn.parallel.DistributedDataParallel(DiffusionLoss(text, unet))]
     optimizer = torch.optim.AdamW([p for m in losses for p in m.parameters()], lr=1e-3)
-    images, captions = shapes.make_dataset(shapes.train_scenes()[rank::world][:4], 1, seed=rank)
+    images, captions = toy_shapes.make_dataset(toy_shapes.train_scenes()[rank::world][:4], 1, seed=rank)
     tokenizer = CLIPTokenizer()
     ids, empty = tokenizer(captions), tokenizer([""])[0]
     for step in range(3):

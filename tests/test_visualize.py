@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 import sd_scratch
-from sd_scratch.schedulers import make_sampler
-from sd_scratch.visualize import MARGIN, RAMP, StepRecorder, filmstrip, grid, heatmap, latent_image, overlay, plot
+from sd_scratch.samplers import make_sampler
+from sd_scratch.lab.visualize import MARGIN, RAMP, StepRecorder, filmstrip, grid, heatmap, latent_image, overlay, plot
 
 RED, GREEN, BLUE = (200, 0, 0), (0, 200, 0), (0, 0, 200)
 

@@ -24,87 +24,31 @@ init_noise_sigma), then the same loop over i = i0, i0+1, …
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-# SD v1's training schedule, `configs/stable-diffusion/v1-inference.yaml`: linear_start: 0.00085,
-# linear_end: 0.012, timesteps: 1000 (its "linear" is linear in √β: diffusers' "scaled_linear").
-BETA_START, BETA_END, TRAIN_STEPS = 0.00085, 0.012, 1000
-# SD v1.5's scheduler_config.json: steps_offset 1 shifts "leading" timesteps up by one (…, 41, 21, 1).
-STEPS_OFFSET = 1
-COSINE_S, MAX_BETA = 0.008, 0.999  # Nichol & Dhariwal 2021 eq. 17: the offset s, and β's cap
-KARRAS_RHO = 7.0  # Karras et al. 2022 eq. 5
+from .noise_schedule import SPACINGS, TRAIN_STEPS, Schedule, add_noise, randn_like, schedule_for
 
 SAMPLERS = ("ddpm", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m")
 ALIASES = {"plms": "pndm"}  # the original SD scripts call PNDM's multistep half "plms"
 SIGMA_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
+# Each sampler's timestep spacing when none is asked for: what diffusers' scheduler class takes from
+# SD v1.5's official scheduler_config.json, which names no spacing, so each class keeps its own
+# default ("leading" with steps_offset 1 for DDPM, DDIM and PNDM; "linspace" for the others).
+DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "pndm": "leading",
+                   "euler": "linspace", "euler_a": "linspace", "dpmpp_2m": "linspace"}
 
 
-def betas_for(schedule: str = "scaled_linear", n: int = TRAIN_STEPS,
-              beta_start: float = BETA_START, beta_end: float = BETA_END) -> Tensor:
-    """β_1 … β_n, the variance of the noise each training step adds (`003 · 噪声调度（Noise Schedule）`).
-
-    "scaled_linear" (SD v1): √β evenly spaced, then squared. "linear": β evenly spaced (DDPM).
-    "cosine": Nichol & Dhariwal 2021 eq. 17, ᾱ(t) = cos²((t/n + s)/(1 + s)·π/2), β_t = 1 − ᾱ(t)/ᾱ(t−1)
-    capped at 0.999 (diffusers' "squaredcos_cap_v2"). Computed as diffusers does, bit for bit.
-    """
-    if schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
-    if schedule == "linear":
-        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
-    if schedule == "cosine":
-        def alpha_bar(t: int) -> float:
-            return math.cos((t / n + COSINE_S) / (1 + COSINE_S) * math.pi / 2) ** 2
-
-        betas = [min(1 - alpha_bar(t + 1) / alpha_bar(t), MAX_BETA) for t in range(n)]
-        return torch.tensor(betas, dtype=torch.float32)
-    raise ValueError(f"unknown schedule {schedule!r}; known: scaled_linear, linear, cosine")
-
-
-def spaced_timesteps(steps: int, spacing: str) -> Tensor:
-    """Which of the 1000 training timesteps to visit, largest first (Lin et al. 2023, Table 2).
-
-    "leading" (SD's default): multiples of 1000 // steps, plus the offset 1. "trailing": from 999
-    down in strides of 1000 / steps, rounded. diffusers builds the latter with np.arange; so do we,
-    numpy's way (1000 + k·((1000 − r) − 1000), ceil(1000/r) of them), so ties round alike.
-    """
-    if spacing == "leading":
-        return torch.arange(steps - 1, -1, -1) * (TRAIN_STEPS // steps) + STEPS_OFFSET
-    ratio = TRAIN_STEPS / steps
-    delta = (TRAIN_STEPS - ratio) - TRAIN_STEPS
-    k = torch.arange(math.ceil(TRAIN_STEPS / ratio), dtype=torch.float64)
-    return (TRAIN_STEPS + k * delta).round().long() - 1
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> Tensor:
-    """n noise levels from σ_max to σ_min, evenly spaced in σ^(1/ρ): Karras et al. 2022 eq. 5, ρ = 7."""
-    ramp = torch.from_numpy(np.linspace(0, 1, n))  # numpy's: torch's linspace differs in the last bit
-    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def timestep_of(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
-    """The (fractional) training timestep of each σ: t interpolated linearly against log σ.
-
-    In diffusers' dtypes (its `_sigma_to_t`): the log σ table in float32, the rest in float64. The
-    table is numpy's float32 log, as there: torch's differs in the last bit, which moves some t by one
-    float32 step.
-    """
-    log_table = torch.from_numpy(np.log(train_sigmas.numpy()))  # increasing with t
-    log_sigma = sigmas.double().clamp(min=1e-10).log()
-    low = (torch.searchsorted(log_table.double(), log_sigma, right=True) - 1).clamp(0, len(log_table) - 2)
-    w = ((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1])).clamp(0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """ε' drawn as diffusers' randn_tensor draws it, so one seeded generator gives the same noise."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+def sampler_name(name: str) -> str:
+    """The sampler's own name for `name` or its alias; a clear error for anything else."""
+    if name in ALIASES:
+        return ALIASES[name]
+    if name not in SAMPLERS:
+        aliases = ", ".join(f"{a} = {n}" for a, n in ALIASES.items())
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)} ({aliases})")
+    return name
 
 
 @dataclass
@@ -117,11 +61,10 @@ class Sampler:
     """A list of timesteps and the rule that moves x from one entry to the next (see the module doc)."""
 
     order = 1  # diffusers' `order` (1 for all six), used to slice the list for img2img
-    sigmas: Tensor | None = None
-    init_noise_sigma = 1.0
 
-    def __init__(self, alpha_bar: Tensor, timesteps: Tensor):
-        self.alpha_bar, self.timesteps = alpha_bar, timesteps
+    def __init__(self, schedule: Schedule):
+        self.alpha_bar, self.timesteps, self.sigmas = schedule.alpha_bar, schedule.timesteps, schedule.sigmas
+        self.init_noise_sigma = schedule.init_noise_sigma
         self.begin = 0
 
     def start_at(self, i: int) -> None:
@@ -133,8 +76,7 @@ class Sampler:
 
     def add_noise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
         """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε at t = timesteps[i] (`003 · 前向扩散过程`, in closed form)."""
-        alpha_bar_t = self.alpha_bar.to(x0)[self.timesteps[i]]
-        return alpha_bar_t**0.5 * x0 + (1 - alpha_bar_t) ** 0.5 * noise
+        return add_noise(x0, noise, self.alpha_bar.to(x0)[self.timesteps[i]])
 
     def step(self, eps: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> StepResult:
         raise NotImplementedError
@@ -173,8 +115,8 @@ class _StridedSampler(Sampler):
     """DDIM and PNDM go from t to t' = t − 1000 // steps whatever the spacing (as diffusers), and
     past t = 0 to ᾱ_0, not to 1 (SD v1's set_alpha_to_one=False)."""
 
-    def __init__(self, alpha_bar: Tensor, timesteps: Tensor, steps: int):
-        super().__init__(alpha_bar, timesteps)
+    def __init__(self, schedule: Schedule, steps: int):
+        super().__init__(schedule)
         self.stride = TRAIN_STEPS // steps
 
     def alpha_bars(self, t: int, t_prev: int) -> tuple[Tensor, Tensor]:
@@ -182,8 +124,8 @@ class _StridedSampler(Sampler):
 
 
 class DDIM(_StridedSampler):
-    def __init__(self, alpha_bar: Tensor, timesteps: Tensor, steps: int, eta: float):
-        super().__init__(alpha_bar, timesteps, steps)
+    def __init__(self, schedule: Schedule, steps: int, eta: float):
+        super().__init__(schedule, steps)
         self.eta = eta
 
     def step(self, eps, i, x, generator=None):
@@ -242,14 +184,6 @@ class PNDM(_StridedSampler):
 class _SigmaSampler(Sampler):
     """Steps in the sigma form x = x0 + σ ε; `sigmas` ends with 0, the clean latent."""
 
-    def __init__(self, alpha_bar: Tensor, timesteps: Tensor, sigmas: Tensor, spacing: str):
-        super().__init__(alpha_bar, timesteps)
-        self.sigmas = sigmas
-        sigma_max = sigmas.max()
-        # x's std at σ_max if the clean latent has unit variance, √(σ_max²+1); diffusers assumes so
-        # for "leading" (whose σ_max is below the schedule's) and takes plain σ_max for "trailing".
-        self.init_noise_sigma = float((sigma_max**2 + 1) ** 0.5 if spacing == "leading" else sigma_max)
-
     def scale_model_input(self, x, i):
         return x / ((self.sigmas[i] ** 2 + 1) ** 0.5)
 
@@ -291,10 +225,6 @@ class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M) on diffusers' terms: a list of σ's, but x in the alpha form, so
     init_noise_sigma is 1, the UNet's input is x itself and add_noise is √ᾱ x0 + √(1−ᾱ) ε."""
 
-    def __init__(self, alpha_bar: Tensor, timesteps: Tensor, sigmas: Tensor):
-        super().__init__(alpha_bar, timesteps)
-        self.sigmas = sigmas
-
     def add_noise(self, x0, noise, i):
         alpha, sigma_t, _ = alpha_sigma_lambda(self.sigmas.to(x0)[i])
         return alpha * x0 + sigma_t * noise
@@ -317,49 +247,29 @@ class DPMSolverPP2M(Sampler):
         return StepResult(x_next, x0_pred)
 
 
-def make_sampler(name: str, steps: int, *, schedule: str = "scaled_linear", spacing: str = "leading",
+def make_sampler(name: str, steps: int, *, schedule: str = "scaled_linear", spacing: str | None = None,
                  karras: bool = False, eta: float = 0.0) -> Sampler:
     """The sampler `name` over `steps` steps, its schedule equal to diffusers' for SD v1.5's config.
 
+    spacing: "leading", "trailing" or "linspace"; None takes the sampler's DEFAULT_SPACING.
     karras: σ's spaced by Karras et al. 2022 eq. 5 (sigma samplers only). eta: DDIM's η.
     """
-    name = ALIASES.get(name, name)
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)} (plms = pndm)")
-    if not 1 <= steps <= TRAIN_STEPS:
-        raise ValueError(f"steps must be between 1 and {TRAIN_STEPS}, got {steps}")
-    if spacing not in ("leading", "trailing"):
-        raise ValueError(f"unknown spacing {spacing!r}; known: leading, trailing")
+    name = sampler_name(name)
+    if not isinstance(steps, int) or not 1 <= steps <= TRAIN_STEPS:
+        raise ValueError(f"steps must be an integer between 1 and {TRAIN_STEPS}, got {steps!r}")
+    spacing = DEFAULT_SPACING[name] if spacing is None else spacing
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}")
     if karras and name not in SIGMA_SAMPLERS:
         raise ValueError(f"karras=True spaces σ's: it needs one of {', '.join(SIGMA_SAMPLERS)}, not {name}")
     if eta and name != "ddim":
         raise ValueError(f"eta is DDIM's; {name} has none")
 
-    alpha_bar = torch.cumprod(1.0 - betas_for(schedule), dim=0)
-    timesteps = spaced_timesteps(steps, spacing)
+    plan = schedule_for(name, steps, spacing, karras, schedule)
     if name == "ddpm":
-        return DDPM(alpha_bar, timesteps)
+        return DDPM(plan)
     if name == "ddim":
-        return DDIM(alpha_bar, timesteps, steps, eta)
-    if name == "pndm":  # the second timestep twice: the first step's two UNet calls
-        return PNDM(alpha_bar, torch.cat([timesteps[:1], timesteps[1:2], timesteps[1:]]), steps)
-
-    train_sigmas = ((1 - alpha_bar) / alpha_bar) ** 0.5
-    last = torch.zeros(1, dtype=torch.float64)
-    if name == "dpmpp_2m":  # its "leading" divides 1000 by steps + 1 and drops the last (t = 1)
-        if spacing == "leading":
-            timesteps = spaced_timesteps(steps + 1, "leading")[:-1]
-        if karras:  # between the training schedule's own σ_min, σ_max; t rounded to integers
-            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
-            timesteps = timestep_of(sigmas, train_sigmas).round().long()
-        else:
-            sigmas = train_sigmas[timesteps.clamp(0, TRAIN_STEPS - 1)].double()
-        return DPMSolverPP2M(alpha_bar, timesteps, torch.cat([sigmas, last]).float())
-
-    # t outside 0..999 (leading's 1000 at 1000 steps) takes the end σ, as np.interp does in diffusers
-    sigmas = train_sigmas[timesteps.clamp(0, TRAIN_STEPS - 1)].double()
-    if karras:  # between the σ's of the first and last timestep; t stays fractional
-        sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
-        timesteps = timestep_of(sigmas, train_sigmas)
-    cls = Euler if name == "euler" else EulerAncestral
-    return cls(alpha_bar, timesteps.float(), torch.cat([sigmas, last]).float(), spacing)
+        return DDIM(plan, steps, eta)
+    if name == "pndm":
+        return PNDM(plan, steps)
+    return {"euler": Euler, "euler_a": EulerAncestral, "dpmpp_2m": DPMSolverPP2M}[name](plan)

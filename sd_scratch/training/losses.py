@@ -9,7 +9,7 @@ SD is trained in two stages (`001 · VAE模型`, `003 · U-Net`), and so is the 
 
        t ~ U{0, …, 999},  ε ~ N(0, I),  x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε,  loss = ‖ε − ε_θ(x_t, t, c)‖²
 
-   with ᾱ_t from SD v1's schedule (`schedulers.betas_for`), and about one caption in ten replaced
+   with ᾱ_t from SD v1's schedule (`noise_schedule.betas_for`), and about one caption in ten replaced
    by "" so the same network also learns ε_θ(x_t, t, ∅), which classifier-free guidance needs.
 
 Both losses are `nn.Module`s whose `forward` returns the loss, so `DistributedDataParallel` can wrap
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schedulers import betas_for, randn_like
-from .text_encoder import CLIPTextEncoder, TextEncoderConfig
-from .unet import UNet, UNetConfig
-from .vae import LATENT_SCALE, AutoencoderKL, VAEConfig
+from ..noise_schedule import add_noise, alpha_bars, randn_like
+from ..text_encoder import CLIPTextEncoder, TextEncoderConfig
+from ..unet import UNet, UNetConfig
+from ..vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
 # "About 10%" of captions dropped for classifier-free guidance (Ho & Salimans 2022 use 10–20%;
 # SD v1's model card: "10% dropping of the text-conditioning").
@@ -156,8 +156,7 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
         self.unet = unet
-        betas = betas_for(schedule)
-        self.register_buffer("alpha_bar", torch.cumprod(1.0 - betas, dim=0), persistent=False)  # ᾱ_t, t = 0…999
+        self.register_buffer("alpha_bar", alpha_bars(schedule), persistent=False)  # ᾱ_t, t = 0…999
 
     def forward(self, x0: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x0: scaled latents (B, 4, h, w); ids: token ids (B, 77), already with some captions dropped."""
@@ -166,7 +165,7 @@ class DiffusionLoss(nn.Module):
         t = torch.randint(0, len(self.alpha_bar), (B,), generator=generator, device=draw_on).to(x0.device)
         eps = randn_like(x0, generator)
         alpha_bar_t = self.alpha_bar[t].to(x0.dtype)[:, None, None, None]
-        x_t = alpha_bar_t.sqrt() * x0 + (1.0 - alpha_bar_t).sqrt() * eps
+        x_t = add_noise(x0, eps, alpha_bar_t)  # the forward process, noise_schedule.py
         eps_pred = self.unet(x_t, t, self.text_encoder(ids))
         return F.mse_loss(eps_pred, eps)
 

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .pipelines import StepInfo, decode
+from ..images import decode
+from ..pipelines import StepInfo
 
 if TYPE_CHECKING:
-    from .stable_diffusion import StableDiffusion
+    from ..stable_diffusion import StableDiffusion
 
 MARGIN = 4  # pixels between tiles
 LINE_HEIGHT = 11  # PIL's default bitmap font is 11 px tall

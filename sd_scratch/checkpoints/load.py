@@ -24,14 +24,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint_files import CheckpointError, read_checkpoint, read_sharded
-from .checkpoint_keys import (EMA_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Rule, convert, ema_key,
-                              original_unet_shape, original_vae_shape, rename, unet_rules, vae_rules)
-from .stable_diffusion import StableDiffusion
-from .text_encoder import CLIPTextEncoder, TextEncoderConfig
-from .tokenizer import CLIPTokenizer
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from ..stable_diffusion import StableDiffusion, as_dtype, vae_dtype_for
+from ..text_encoder import CLIP_HEAD_DIM, CLIPTextEncoder, TextEncoderConfig
+from ..tokenizer import CLIPTokenizer
+from ..unet import UNet, UNetConfig
+from ..vae import AutoencoderKL, VAEConfig
+from .families import Family, UnknownFamily, family_of, folder_signature, single_file_signature
+from .files import CheckpointError, read_checkpoint, read_sharded
+from .rules import (EMA_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Rule, convert, ema_key, original_unet_shape,
+                    original_vae_shape, rename, unet_rules, vae_rules)
 
 log = logging.getLogger("sd_scratch")
 
@@ -48,12 +49,9 @@ EMA_SCALARS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
 # CLIP's position ids are a buffer in transformers; we rebuild them as integers 0..76. Some merged
 # checkpoints store them as floats, which would index wrongly, so the stored copy is never used.
 POSITION_IDS = "embeddings.position_ids"
-# The built-in model (`weights/README.md`): what `load()` reads when it is given no path.
-BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes.safetensors"
-SD2_CONTEXT_DIM = 1024  # SD 2.x conditions on OpenCLIP ViT-H/14, 1024 wide
-SD2_REFUSAL = "it is an SD 2.x checkpoint ({why}), which sd-scratch does not support yet (SD v1.x only)"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# The built-in model (`weights/README.md`), shipped inside the package: what `load()` reads when
+# it is given no path.
+BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "data" / "tiny-shapes.safetensors"
 
 
 @dataclass
@@ -91,31 +89,45 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         overflows in fp16 and decodes NaN, i.e. black images).
     """
     path = Path(path) if path is not None else BUILTIN_MODEL
-    dtype = _as_dtype(dtype)
-    vae_dtype = _as_dtype(vae_dtype) if vae_dtype is not None else None
+    dtype = as_dtype(dtype)
+    vae_dtype = as_dtype(vae_dtype, "vae_dtype") if vae_dtype is not None else None
     if path.is_dir():
-        parts, report = _read_diffusers_folder(path, variant, strict)
+        parts, family, report = _read_diffusers_folder(path, variant, strict)
     else:
-        parts, report = _read_single_file(path, use_ema, strict)
-    return _assemble(parts, report, device, dtype, vae_dtype)
+        parts, family, report = _read_single_file(path, use_ema, strict)
+    return _assemble(parts, family, report, device, dtype, vae_dtype)
 
 
-def _assemble(parts, report: LoadReport, device, dtype: torch.dtype, vae_dtype: torch.dtype | None = None):
+def _assemble(parts, family: Family, report: LoadReport, device, dtype: torch.dtype,
+              vae_dtype: torch.dtype | None = None) -> StableDiffusion:
     tokenizer, text_encoder, unet, vae = parts
-    if vae_dtype is None:
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    vae_dtype = vae_dtype or vae_dtype_for(dtype)
     for module, module_dtype in ((text_encoder, dtype), (unet, dtype), (vae, vae_dtype)):
         module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
+    report.notes.insert(0, f"model family: {family.title} ({family.name}; native {family.native_resolution}×"
+                           f"{family.native_resolution}, predicts {family.prediction_type})")
     log.info("%s", report)
-    return StableDiffusion(tokenizer, text_encoder, unet, vae, report=report)
+    return StableDiffusion(tokenizer, text_encoder, unet, vae, family, name=Path(report.source).stem, report=report)
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be a floating torch dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+def _family(signature, source: Path) -> Family:
+    try:
+        return family_of(signature, str(source))
+    except UnknownFamily as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _text_config(text_sd: dict[str, torch.Tensor], source: Path) -> TextEncoderConfig:
+    """The text encoder's sizes read off its tensors; a width CLIP's 64-wide heads cannot divide is an
+    error naming the file (the head count is not stored, so it is width / 64)."""
+    width = text_sd["embeddings.token_embedding.weight"].shape[1] if "embeddings.token_embedding.weight" in text_sd else None
+    if width is not None and (width < CLIP_HEAD_DIM or width % CLIP_HEAD_DIM):
+        raise CheckpointError(f"{source}: the text encoder is {width} wide; a CLIP text encoder's width is a "
+                              f"multiple of its {CLIP_HEAD_DIM}-wide heads (768 in SD v1)")
+    try:
+        return TextEncoderConfig.from_state_dict(text_sd)
+    except KeyError as err:
+        raise CheckpointError(f"{source}: the text encoder lacks {TEXT_PREFIX}{err.args[0]}") from None
 
 
 # ---- single file --------------------------------------------------------------------------------
@@ -136,13 +148,14 @@ def from_single_file_state_dict(sd: dict[str, torch.Tensor], device: str | torch
     """`load` for tensors already in memory under the single-file (CompVis) names. The parts take
     the given tensors as their parameters (no copy where device and dtype already match)."""
     report = LoadReport(source, "single-file")
-    parts, report = _parts_from_single_file(sd, Path(source), use_ema, strict, report)
-    return _assemble(parts, report, device, _as_dtype(dtype), _as_dtype(vae_dtype) if vae_dtype else None)
+    parts, family, report = _parts_from_single_file(sd, Path(source), use_ema, strict, report)
+    return _assemble(parts, family, report, device, as_dtype(dtype),
+                     as_dtype(vae_dtype, "vae_dtype") if vae_dtype else None)
 
 
 def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bool, strict: bool,
                             report: LoadReport):
-    _refuse_other_families(sd, path)
+    family = _family(single_file_signature({k: tuple(t.shape) for k, t in sd.items()}), path)
 
     unet_sd = _take_prefix(sd, UNET_PREFIX)
     vae_sd = _take_prefix(sd, VAE_PREFIX)
@@ -180,22 +193,12 @@ def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bo
     with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
         unet = UNet(UNetConfig.from_state_dict(unet_sd))
         vae = AutoencoderKL(VAEConfig.from_state_dict(vae_sd))
-        text_encoder = CLIPTextEncoder(TextEncoderConfig.from_state_dict(text_sd))
+        text_encoder = CLIPTextEncoder(_text_config(text_sd, path))
     _build(unet, unet_sd, path, _original_namer(u_rules, UNET_PREFIX), strict, report)
     _build(vae, vae_sd, path, _original_namer(v_rules, VAE_PREFIX), strict, report)
     _build(text_encoder, text_sd, path, lambda k: TEXT_PREFIX + k, strict, report)
     report.notes.append("tokenizer: the vendored CLIP BPE vocabulary (a single file carries none)")
-    return (CLIPTokenizer(), text_encoder, unet, vae), report
-
-
-def _refuse_other_families(sd: dict[str, torch.Tensor], path: Path) -> None:
-    if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise CheckpointError(f"{path}: it is an SDXL checkpoint; sd-scratch supports SD v1.x only")
-    if any(k.startswith("cond_stage_model.model.") for k in sd):
-        raise CheckpointError(f"{path}: " + SD2_REFUSAL.format(why="OpenCLIP text encoder keys"))
-    for k, t in sd.items():
-        if k.endswith("attn2.to_k.weight") and t.ndim == 2 and t.shape[1] == SD2_CONTEXT_DIM:
-            raise CheckpointError(f"{path}: " + SD2_REFUSAL.format(why=f"{SD2_CONTEXT_DIM}-wide text context"))
+    return (CLIPTokenizer(pad_id=family.pad_id), text_encoder, unet, vae), family, report
 
 
 def _take_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -236,8 +239,7 @@ def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool):
 
     unet_cfg_json = _read_json(folder / "unet" / "config.json")
     text_cfg_json = _read_json(folder / "text_encoder" / "config.json")
-    if unet_cfg_json.get("cross_attention_dim") == SD2_CONTEXT_DIM or text_cfg_json.get("hidden_size") == SD2_CONTEXT_DIM:
-        raise CheckpointError(f"{folder}: " + SD2_REFUSAL.format(why=f"{SD2_CONTEXT_DIM}-wide text context"))
+    family = _family(folder_signature(unet_cfg_json, text_cfg_json, (folder / "text_encoder_2").is_dir()), folder)
 
     unet_sd = _read_part(folder / "unet", variant, report)
     vae_sd = _read_part(folder / "vae", variant, report)
@@ -256,11 +258,11 @@ def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool):
     _build(vae, vae_sd, folder / "vae", str, strict, report)
     _build(text_encoder, text_sd, folder / "text_encoder", lambda k: "text_model." + k, strict, report)
     if (folder / "tokenizer").is_dir():
-        tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
+        tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer", pad_id=family.pad_id)
     else:
-        tokenizer = CLIPTokenizer()
+        tokenizer = CLIPTokenizer(pad_id=family.pad_id)
         report.notes.append("tokenizer: no tokenizer/ folder, so the vendored CLIP BPE vocabulary")
-    return (tokenizer, text_encoder, unet, vae), report
+    return (tokenizer, text_encoder, unet, vae), family, report
 
 
 def _read_json(path: Path) -> dict:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .unet import Attention, SpatialTransformer
+from ..unet import Attention, SpatialTransformer
 
 
 def attention_probs(attn: Attention, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ class CrossAttentionMaps:
     cross-attention layer's P averaged over heads: `steps[i][layer]` is (N, tokens, h, w).
 
     guided: the UNet's batch is [uncond; cond], as the pipelines build it for classifier-free guidance
-        (`pipelines.encode_prompts`), and only the conditional half is kept, so N = images. False
+        (`prompts.encode_prompts`), and only the conditional half is kept, so N = images. False
         keeps every row (for guidance_scale ≤ 1, or a UNet called by hand).
     """
 

@@ -1,7 +1,7 @@
 """The VAE decoder run one tile at a time, for images too large to decode at once, with the numbers
 of decoding them whole.
 
-This is `001 · VAE模型`'s decoder (see `vae.py`) cut into pieces; no document covers tiling. A naive
+This is `001 · VAE模型`'s decoder (see `../vae.py`) cut into pieces; no document covers tiling. A naive
 tiled decode (decode each tile on its own, blend the overlaps) shifts each tile's tone and leaves
 seams, for two reasons, and this file removes both:
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae import AutoencoderKL
+from ..vae import AutoencoderKL
 
 CONV_REACH = 1  # pixels a 3×3 convolution reads on each side of its output pixel
 

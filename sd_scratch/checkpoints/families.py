@@ -1,0 +1,115 @@
+"""Which model a file holds: each model family is one row of `FAMILIES`, refusals included.
+
+A family fixes what the tensors cannot say: the text encoder's kind and its pad id, whether the
+UNet predicts ε or v, the resolution it was trained at (the default image size). A file is matched
+to a row by its `Signature`, a few facts read off its key names and shapes (or a diffusers folder's
+config files) before anything is built. The first row that matches wins; a row with a `refusal`
+stops the load with that reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..tokenizer import END_OF_TEXT
+
+SD1_CONTEXT_DIM = 768  # CLIP ViT-L/14's width, the UNet's cross-attention input in SD v1
+SD2_CONTEXT_DIM = 1024  # OpenCLIP ViT-H/14's, in SD 2.x
+SDXL_CONTEXT_DIM = 2048  # CLIP ViT-L + OpenCLIP ViT-bigG, concatenated, in SDXL
+LATENT_CHANNELS = 4  # SD's latent; the inpainting UNet adds 1 (mask) + 4 (masked image's latent)
+INPAINT_CHANNELS = LATENT_CHANNELS + 1 + LATENT_CHANNELS
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a file tells about its model before it is built."""
+
+    text_encoder: str  # "clip" (CLIP's layout), "openclip" (SD 2.x single files), "sdxl" (two encoders)
+    context_dim: int | None  # the width of the text the UNet's cross-attention reads
+    in_channels: int | None  # the UNet's input channels
+    unet_widths: tuple[int, ...] = ()  # the UNet's distinct level widths, down the U
+
+    def __str__(self) -> str:
+        widths = "×".join(map(str, self.unet_widths)) or "?"
+        return (f"{self.text_encoder} text encoder, {self.context_dim}-wide context, "
+                f"{self.in_channels}-channel UNet input, UNet widths {widths}")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    recognise: Callable[[Signature], bool]
+    text_encoder: str = "clip"  # the text encoder's preset: CLIP ViT-L/14's layout and quick-GELU
+    pad_id: int = END_OF_TEXT  # what the tokenizer pads the 77-id row with (SD v1's CLIP: 49407)
+    prediction_type: str = "epsilon"  # the UNet predicts the noise ε
+    native_resolution: int = 512  # pixels per side it was trained at: the default image size
+    refusal: str | None = None  # why sd-scratch does not load this family (None: it does)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("sdxl", "SDXL", lambda s: s.text_encoder == "sdxl" or s.context_dim == SDXL_CONTEXT_DIM,
+           refusal="it is an SDXL checkpoint; sd-scratch supports SD v1.x only"),
+    Family("sd2", "SD 2.x", lambda s: s.text_encoder == "openclip" or s.context_dim == SD2_CONTEXT_DIM,
+           refusal="it is an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide text context), which "
+                   "sd-scratch does not support yet (SD v1.x only)"),
+    # The built-in model (weights/README.md): SD v1's layout at toy sizes, trained on 64×64 pictures.
+    Family("tiny-shapes", "the built-in shapes model",
+           lambda s: s.text_encoder == "clip" and s.context_dim == 128 and s.unet_widths == (64, 128)
+           and s.in_channels == LATENT_CHANNELS, native_resolution=64),
+    Family("sd1-inpainting", "SD 1.x inpainting",
+           lambda s: s.text_encoder == "clip" and s.in_channels == INPAINT_CHANNELS),
+    # SD v1.x at any size of its layout (v1-5-pruned-emaonly, sd-v1-4, and small test configs).
+    Family("sd1", "SD 1.x", lambda s: s.text_encoder == "clip" and s.in_channels == LATENT_CHANNELS),
+)
+BY_NAME = {family.name: family for family in FAMILIES}
+
+
+class UnknownFamily(ValueError):
+    """No row of FAMILIES matches, or the matching row is a refusal; the message says which."""
+
+
+def family_of(signature: Signature, source: str) -> Family:
+    """The first family whose row recognises `signature`; refusals and no match raise, naming `source`."""
+    for family in FAMILIES:
+        if family.recognise(signature):
+            if family.refusal:
+                raise UnknownFamily(f"{source}: {family.refusal}")
+            return family
+    raise UnknownFamily(f"{source}: matches no model family sd-scratch knows ({signature}); "
+                        f"known: {', '.join(f.title for f in FAMILIES if not f.refusal)}")
+
+
+def _ordered_unique(values) -> tuple[int, ...]:
+    out: list[int] = []
+    for v in values:
+        if not out or out[-1] != v:
+            out.append(v)
+    return tuple(out)
+
+
+def single_file_signature(keys_and_shapes: dict[str, tuple[int, ...]]) -> Signature:
+    """The signature of a single (CompVis-layout) file, from its key names and tensor shapes."""
+    keys = keys_and_shapes
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        text_encoder = "sdxl"
+    elif any(k.startswith("cond_stage_model.model.") for k in keys):
+        text_encoder = "openclip"
+    else:
+        text_encoder = "clip"
+    unet = "model.diffusion_model."
+    context = [shape[1] for k, shape in keys.items()
+               if k.startswith(unet) and k.endswith("attn2.to_k.weight") and len(shape) == 2]
+    conv_in = keys.get(unet + "input_blocks.0.0.weight")
+    resnet_outs = sorted((int(k.split(".")[3]), shape[0]) for k, shape in keys.items()
+                         if k.startswith(unet + "input_blocks.") and k.endswith(".0.out_layers.3.weight"))
+    return Signature(text_encoder, context[0] if context else None, conv_in[1] if conv_in else None,
+                     _ordered_unique(width for _, width in resnet_outs))
+
+
+def folder_signature(unet_config: dict, text_config: dict, has_second_text_encoder: bool) -> Signature:
+    """The signature of a diffusers folder, from `unet/config.json` and `text_encoder/config.json`."""
+    context = unet_config.get("cross_attention_dim", text_config.get("hidden_size"))
+    return Signature("sdxl" if has_second_text_encoder else "clip",
+                     context if isinstance(context, int) else None, unet_config.get("in_channels", LATENT_CHANNELS),
+                     _ordered_unique(unet_config.get("block_out_channels", ())))
