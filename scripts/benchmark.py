@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sd_scratch.tokenizer import DEFAULT_BPE_PATH  # noqa: E402
 from sd_scratch.checkpoints.load import from_single_file_state_dict  # noqa: E402
+from sd_scratch.memory.vae_tiling import decode_tiled  # noqa: E402
 from tests.reference import (SD15_SCHEDULER, make_reference_models, rel_err, single_file_layout,  # noqa: E402
                              write_tokenizer_folder)
 
@@ -108,7 +109,7 @@ def compare_tiled_decode(ours, ref, args, g: torch.Generator) -> dict:
     last = {}
 
     def ours_tiled():
-        last["ours"] = ours.vae.decode_tiled(z, tile)
+        last["ours"] = decode_tiled(ours.vae, z, tile)
 
     def ref_tiled():
         last["diffusers"] = ref.vae.decode(z).sample

@@ -102,10 +102,13 @@ def sigmas_of(alpha_bar: Tensor) -> Tensor:
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> Tensor:
-    """n noise levels from σ_max to σ_min, evenly spaced in σ^(1/ρ): Karras et al. 2022 eq. 5, ρ = 7."""
-    ramp = torch.from_numpy(np.linspace(0, 1, n))  # numpy's: torch's linspace differs in the last bit
+    """n noise levels from σ_max to σ_min, evenly spaced in σ^(1/ρ): Karras et al. 2022 eq. 5, ρ = 7.
+
+    In numpy, as diffusers: torch's linspace and float64 pow each differ from numpy's in the last bit,
+    and a last-bit change can move a truncated timestep by one (see `schedule_for`)."""
+    ramp = np.linspace(0, 1, n)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.from_numpy((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
 def timestep_of(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
@@ -147,21 +150,28 @@ def schedule_for(sampler: str, steps: int, spacing: str, karras: bool = False,
     Everything below that is not the papers' math is here for parity with diffusers, so that the
     same seed gives the same picture, and nowhere else (the samplers' step functions stay the math):
 
+    * DDPM, DDIM and PNDM round "linspace"'s fractional timesteps to integers (numpy's round, half
+      to even); Euler keeps them fractional but in float32, and reads its σ's at the float32 values.
     * PNDM (PLMS) visits its second timestep twice: its first step costs two UNet calls.
     * DPM++ 2M's "leading" grid divides 1000 by steps + 1 and drops the last entry; its "linspace"
       grid is steps + 1 rounded values without the last.
     * The two Karras ranges: Euler's σ's span the σ's of its first and last timestep, its timesteps
       stay fractional; DPM++ 2M's span the training schedule's own σ_min..σ_max, its timesteps
-      rounded to integers.
+      rounded to integers, except for the cosine schedule (diffusers' "squaredcos_cap_v2"), where
+      they are truncated (diffusers skips its round() for that schedule and casts to int64), so
+      about half of them are one lower than rounded (9 of 25 at 25 steps); the first is 998, not
+      999, since σ_max's t is 998.99999996 after σ → σ^(1/ρ) → σ.
     * init_noise_sigma: √(σ_max²+1) (the std of x at σ_max for a unit-variance clean latent) for
       "leading", plain σ_max for "trailing" and "linspace", as diffusers' Euler samplers assume.
     * A timestep outside 0..999 (leading's 1000 at 1000 steps) takes the end σ, as np.interp does.
     """
     alpha_bar = alpha_bars(schedule)
-    if sampler in ("ddpm", "ddim"):
-        return Schedule(alpha_bar, spaced_timesteps(steps, spacing))
-    if sampler == "pndm":
+    if sampler in ("ddpm", "ddim", "pndm"):
         timesteps = spaced_timesteps(steps, spacing)
+        if spacing == "linspace":
+            timesteps = torch.from_numpy(timesteps.numpy().round()).long()
+        if sampler != "pndm":
+            return Schedule(alpha_bar, timesteps)
         return Schedule(alpha_bar, torch.cat([timesteps[:1], timesteps[1:2], timesteps[1:]]))
 
     train_sigmas = sigmas_of(alpha_bar)
@@ -175,13 +185,14 @@ def schedule_for(sampler: str, steps: int, spacing: str, karras: bool = False,
             timesteps = spaced_timesteps(steps, spacing)
         if karras:
             sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
-            timesteps = timestep_of(sigmas, train_sigmas).round().long()
+            timesteps = timestep_of(sigmas, train_sigmas)
+            timesteps = (timesteps if schedule == "cosine" else timesteps.round()).long()  # .long() truncates
         else:
             sigmas = sigma_at(timesteps, train_sigmas)
         return Schedule(alpha_bar, timesteps, torch.cat([sigmas, last]).float())
 
     # euler, euler_a
-    timesteps = spaced_timesteps(steps, spacing)
+    timesteps = spaced_timesteps(steps, spacing).float()
     sigmas = sigma_at(timesteps, train_sigmas)
     if karras:
         sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)

@@ -39,7 +39,7 @@ from .guidance import ClassifierFreeGuidance, ConcatCondition, UNetCall, Unguide
 from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
 from .noise_schedule import SPACINGS, draw_noise
 from .prompts import LONG_PROMPT_MODES, as_prompt_list, encode_prompts
-from .samplers import DEFAULT_SPACING, Sampler, make_sampler, sampler_name
+from .samplers import ALIASES, DEFAULT_SPACING, SAMPLERS, Sampler, make_sampler, sampler_name
 
 if TYPE_CHECKING:
     from .guidance import Prediction
@@ -94,8 +94,9 @@ class GenerationSettings:
             raise ValueError(f"num_images must be an integer ≥ 1, got {self.num_images!r}")
         try:
             sampler_name(self.scheduler)
-        except ValueError as err:
-            raise ValueError(f"scheduler: {err}") from None
+        except ValueError:
+            raise ValueError(f"scheduler must be one of {', '.join([*SAMPLERS, *ALIASES])}, "
+                             f"got {self.scheduler!r}") from None
         if self.spacing is not None and self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)} or None, got {self.spacing!r}")
         if not self.eta >= 0:

@@ -123,6 +123,14 @@ def write_tokenizer_folder(bpe_gz: Path, folder: Path) -> None:
 # SD v1.5's scheduler/scheduler_config.json (a PNDM scheduler over the scaled_linear training
 # schedule), with the "leading" spacing written out: schedulers built from this config for other
 # samplers (Euler's own default is "linspace") then use SD's spacing, as the original scripts do.
+# SD v1.5's scheduler/scheduler_config.json exactly as the release ships it. It names no timestep
+# spacing, so each diffusers scheduler class built `from_config` of it keeps its own default.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "clip_sample": False,
+}
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from sd_scratch import pipelines
-from sd_scratch.cli import main, parameters_text
+from sd_scratch.cli import main
+from sd_scratch.pipelines import GenerationSettings, parameters_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "2", "--quiet"]
@@ -91,8 +92,7 @@ def test_no_negative_prompt_line_when_empty_and_a1111_names(cli, tiny_checkpoint
                                                      ("pndm", False, "PLMS"), ("euler", True, "Euler Karras"),
                                                      ("euler_a", False, "Euler a"), ("ddpm", False, "DDPM")])
 def test_sampler_names_are_a1111s(scheduler, karras, name):
-    settings = dict(steps=20, guidance_scale=7.0, seed=1, scheduler=scheduler, karras=karras, num_images=1,
-                    clip_skip=0)
+    settings = GenerationSettings(steps=20, guidance_scale=7.0, seed=1, scheduler=scheduler, karras=karras)
     text = parameters_text("a cat", "", settings, (512, 768), "v1-5")
     assert text == f"a cat\nSteps: 20, Sampler: {name}, CFG scale: 7.0, Seed: 1, Size: 512x768, Model: v1-5"
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import sd_scratch
 from sd_scratch.pipelines import StepInfo
-from tests.reference import SD15_SCHEDULER, make_reference_models, write_diffusers_folder
+from tests.reference import SD15_SCHEDULER_CONFIG, make_reference_models, write_diffusers_folder
 
 MAX_LEVELS = 2  # uint8 levels per pixel
 SIZE = 32  # pixels; the tiny VAE's factor is 4, so latents are 8×8
@@ -25,8 +25,7 @@ def reference_scheduler(name: str):
     classes = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler,
                "euler": diffusers.EulerDiscreteScheduler, "euler_a": diffusers.EulerAncestralDiscreteScheduler,
                "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}
-    extra = {"dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2)}.get(name, {})
-    return classes[name].from_config(dict(SD15_SCHEDULER, clip_sample=False, **extra))
+    return classes[name].from_config(SD15_SCHEDULER_CONFIG)  # as a diffusers user gets it: no overrides
 
 
 def reference_pipeline(cls, models, tokenizer_folder, scheduler):

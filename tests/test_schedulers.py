@@ -9,7 +9,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from sd_scratch.noise_schedule import betas_for
 from sd_scratch.samplers import SAMPLERS, make_sampler
-from tests.reference import rel_err
+from tests.reference import SD15_SCHEDULER_CONFIG, rel_err
 
 # diffusers' own np.array(tensor) calls warn under numpy 2; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -20,6 +20,8 @@ SD15_SCHEDULER = dict(
     steps_offset=1, set_alpha_to_one=False, clip_sample=False, skip_prk_steps=True,
     timestep_spacing="leading",
 )
+SPACINGS = ("leading", "trailing", "linspace")
+DIFFUSERS_SCHEDULE = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
 REFERENCE = {
     "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
@@ -30,10 +32,12 @@ SIGMA_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
 STEPS = (1, 2, 3, 7, 9, 27, 48, 50, 61, 1000)
 
 
-def reference(name: str, steps: int, spacing: str = "leading", karras: bool = False):
+def reference(name: str, steps: int, spacing: str = "leading", karras: bool = False,
+              schedule: str = "scaled_linear"):
     cls = REFERENCE[name]
     accepted = inspect.signature(cls.__init__).parameters
-    config = {k: v for k, v in dict(SD15_SCHEDULER, timestep_spacing=spacing).items() if k in accepted}
+    config = dict(SD15_SCHEDULER, timestep_spacing=spacing, beta_schedule=DIFFUSERS_SCHEDULE[schedule])
+    config = {k: v for k, v in config.items() if k in accepted}
     if name == "dpmpp_2m":
         config.update(algorithm_type="dpmsolver++", solver_order=2)
     if karras and name != "euler_a":
@@ -43,7 +47,7 @@ def reference(name: str, steps: int, spacing: str = "leading", karras: bool = Fa
     if karras and name == "euler_a":
         # diffusers' EulerAncestral has no Karras option; its step reads only `sigmas`, so give it
         # EulerDiscrete's Karras schedule (what ours uses too).
-        euler = reference("euler", steps, spacing, karras=True)
+        euler = reference("euler", steps, spacing, karras=True, schedule=schedule)
         scheduler.sigmas, scheduler.timesteps = euler.sigmas, euler.timesteps
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
@@ -51,10 +55,10 @@ def reference(name: str, steps: int, spacing: str = "leading", karras: bool = Fa
 
 
 def configs(names=SAMPLERS) -> list[tuple[str, str, bool, float]]:
-    """(name, spacing, karras, eta): both spacings, Karras σ's for the sigma samplers, DDIM with η = 0.5."""
+    """(name, spacing, karras, eta): all three spacings, Karras σ's for the sigma samplers, DDIM with η = 0.5."""
     out = []
     for name in names:
-        for spacing in ("leading", "trailing"):
+        for spacing in SPACINGS:
             for karras in (False, True) if name in SIGMA_SAMPLERS else (False,):
                 out.append((name, spacing, karras, 0.0))
             if name == "ddim":
@@ -172,7 +176,7 @@ def test_add_noise_equals_diffusers(name, spacing, karras):
 
 def test_sigma_form_is_alpha_form_over_sqrt_alpha_bar():
     """x = x0 + σε scaled by 1/√(σ²+1) = √ᾱ is x_t = √ᾱ x0 + √(1−ᾱ) ε: what the UNet was trained on."""
-    euler, ddim = make_sampler("euler", 10), make_sampler("ddim", 10)
+    euler, ddim = make_sampler("euler", 10, spacing="leading"), make_sampler("ddim", 10, spacing="leading")
     x0, noise = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     for i in range(10):
         assert euler.timesteps[i] == ddim.timesteps[i]
@@ -188,6 +192,88 @@ def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match="karras"):
         make_sampler("ddim", 20, karras=True)
     with pytest.raises(ValueError, match="spacing"):
-        make_sampler("euler", 20, spacing="linspace")
+        make_sampler("euler", 20, spacing="uniform")
     with pytest.raises(ValueError, match="eta"):
         make_sampler("euler", 20, eta=0.5)
+
+
+def official(name: str, steps: int):
+    """diffusers' class for `name` as a pipeline loading SD v1.5 builds it: the official config, no overrides."""
+    scheduler = REFERENCE[name].from_config(SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(steps)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    return scheduler
+
+
+def test_dpmsolver_defaults_are_dpmpp_2m():
+    """No override is needed for DPM++ 2M: these are DPMSolverMultistepScheduler's own defaults."""
+    config = DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER_CONFIG).config
+    assert (config.algorithm_type, config.solver_order) == ("dpmsolver++", 2)
+    assert not config.use_karras_sigmas
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("steps", (1, 2, 7, 25, 48, 50, 61, 1000))
+def test_no_spacing_means_what_the_official_sd15_config_gives(name, steps):
+    ref = official(name, steps)
+    ours = make_sampler(name, steps)
+    assert ours.timesteps.dtype == ref.timesteps.dtype
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    if name in SIGMA_SAMPLERS:
+        assert torch.equal(ours.sigmas, ref.sigmas)
+    assert isinstance(ours.init_noise_sigma, float) and ours.init_noise_sigma == float(ref.init_noise_sigma)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_no_spacing_whole_loop_equals_the_official_sd15_config(name):
+    steps = 25
+    ref, ours = official(name, steps), make_sampler(name, steps)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    x_ours, x_ref = noise * ours.init_noise_sigma, noise * ref.init_noise_sigma
+    ours_noise, ref_noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for i, t in enumerate(ref.timesteps):
+        x_ours = ours.step(fake_unet(ours.scale_model_input(x_ours, i), t), i, x_ours, ours_noise).prev_sample
+        eps = fake_unet(ref.scale_model_input(x_ref, t), t)
+        x_ref = reference_step(ref, eps, t, x_ref, ref_noise, 0.0).prev_sample
+    assert rel_err(x_ours, x_ref) < 1e-5
+
+
+# diffusers does not round DPM++ 2M's Karras timesteps under the cosine schedule: it truncates them
+# (998, not 999, first). Every step count up to 60, and a few larger, in every spacing.
+COSINE_STEPS = tuple(range(1, 61)) + (100, 250, 999, 1000)
+
+
+@pytest.mark.parametrize("name", SIGMA_SAMPLERS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("karras", (True, False))
+def test_cosine_schedule_timesteps_and_sigmas_equal_diffusers(name, spacing, karras):
+    for steps in COSINE_STEPS:
+        ref = reference(name, steps, spacing, karras, schedule="cosine")
+        ours = make_sampler(name, steps, schedule="cosine", spacing=spacing, karras=karras)
+        assert ours.timesteps.dtype == ref.timesteps.dtype
+        assert torch.equal(ours.timesteps, ref.timesteps), f"steps {steps}"
+        assert torch.equal(ours.sigmas, ref.sigmas), f"steps {steps}"
+        assert ours.init_noise_sigma == float(ref.init_noise_sigma), f"steps {steps}"
+
+
+def test_dpmpp_2m_karras_cosine_timesteps_are_truncated_not_rounded():
+    ours = make_sampler("dpmpp_2m", 25, schedule="cosine", karras=True)
+    assert ours.timesteps[:12].tolist() == [998] * 11 + [997]
+    assert ours.timesteps[-3:].tolist() == [112, 19, 0]
+
+
+@pytest.mark.parametrize("name", SIGMA_SAMPLERS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", (7, 25))
+def test_cosine_karras_whole_loop_equals_diffusers(name, spacing, steps):
+    ref = reference(name, steps, spacing, karras=True, schedule="cosine")
+    ours = make_sampler(name, steps, schedule="cosine", spacing=spacing, karras=True)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    x_ours, x_ref = noise * ours.init_noise_sigma, noise * ref.init_noise_sigma
+    ours_noise, ref_noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for i, t in enumerate(ref.timesteps):
+        x_ours = ours.step(fake_unet(ours.scale_model_input(x_ours, i), t), i, x_ours, ours_noise).prev_sample
+        eps = fake_unet(ref.scale_model_input(x_ref, t), t)
+        x_ref = reference_step(ref, eps, t, x_ref, ref_noise, 0.0).prev_sample
+    assert rel_err(x_ours, x_ref) < 1e-5

@@ -66,7 +66,11 @@ BY_NAME = {family.name: family for family in FAMILIES}
 
 
 class UnknownFamily(ValueError):
-    """No row of FAMILIES matches, or the matching row is a refusal; the message says which."""
+    """No row of FAMILIES matches (`refused` False), or the matching row is a refusal (True)."""
+
+    def __init__(self, message: str, refused: bool):
+        super().__init__(message)
+        self.refused = refused
 
 
 def family_of(signature: Signature, source: str) -> Family:
@@ -74,10 +78,10 @@ def family_of(signature: Signature, source: str) -> Family:
     for family in FAMILIES:
         if family.recognise(signature):
             if family.refusal:
-                raise UnknownFamily(f"{source}: {family.refusal}")
+                raise UnknownFamily(f"{source}: {family.refusal}", refused=True)
             return family
     raise UnknownFamily(f"{source}: matches no model family sd-scratch knows ({signature}); "
-                        f"known: {', '.join(f.title for f in FAMILIES if not f.refusal)}")
+                        f"known: {', '.join(f.title for f in FAMILIES if not f.refusal)}", refused=False)
 
 
 def _ordered_unique(values) -> tuple[int, ...]:

@@ -155,7 +155,13 @@ def from_single_file_state_dict(sd: dict[str, torch.Tensor], device: str | torch
 
 def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bool, strict: bool,
                             report: LoadReport):
-    family = _family(single_file_signature({k: tuple(t.shape) for k, t in sd.items()}), path)
+    family, unknown = None, None
+    try:
+        family = family_of(single_file_signature({k: tuple(t.shape) for k, t in sd.items()}), str(path))
+    except UnknownFamily as err:  # a refusal stops here; no match waits for a clearer missing-part error
+        if err.refused:
+            raise CheckpointError(str(err)) from None
+        unknown = CheckpointError(str(err))
 
     unet_sd = _take_prefix(sd, UNET_PREFIX)
     vae_sd = _take_prefix(sd, VAE_PREFIX)
@@ -165,6 +171,8 @@ def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bo
             prefix = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX, "text encoder": TEXT_PREFIX}[name]
             raise CheckpointError(f"{path}: has no {name} tensors ({prefix}*); a full SD v1 checkpoint has "
                                   "all three parts (is this a VAE, LoRA or embedding file?)")
+    if unknown is not None:
+        raise unknown
 
     ema_keys = {k for k in sd if k.startswith(EMA_PREFIX) and k not in EMA_SCALARS}
     if ema_keys and use_ema:
