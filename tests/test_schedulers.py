@@ -78,6 +78,18 @@ def fake_unet(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.1 * x + torch.sin(t / 100)
 
 
+def whole_loop_gap(ours, ref, seed: int, eta: float) -> float:
+    """Run both samplers' whole loops from the same noise with `fake_unet`; their final relative gap."""
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    x_ours, x_ref = noise * ours.init_noise_sigma, noise * ref.init_noise_sigma
+    ours_noise, ref_noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for i, t in enumerate(ref.timesteps):
+        x_ours = ours.step(fake_unet(ours.scale_model_input(x_ours, i), t), i, x_ours, ours_noise).prev_sample
+        eps = fake_unet(ref.scale_model_input(x_ref, t), t)
+        x_ref = reference_step(ref, eps, t, x_ref, ref_noise, eta).prev_sample
+    return rel_err(x_ours, x_ref)
+
+
 @pytest.mark.parametrize("name,spacing,karras", [c[:3] for c in configs() if c[3] == 0.0])
 @pytest.mark.parametrize("steps", STEPS)
 def test_timesteps_and_sigmas_equal_diffusers(name, spacing, karras, steps):
@@ -130,14 +142,7 @@ def test_every_step_equals_diffusers(name, spacing, karras, eta, steps):
 def test_whole_loop_equals_diffusers(name, spacing, karras, eta, steps):
     ref = reference(name, steps, spacing, karras)
     ours = make_sampler(name, steps, spacing=spacing, karras=karras, eta=eta)
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    x_ours, x_ref = noise * ours.init_noise_sigma, noise * ref.init_noise_sigma
-    ours_noise, ref_noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    for i, t in enumerate(ref.timesteps):
-        x_ours = ours.step(fake_unet(ours.scale_model_input(x_ours, i), t), i, x_ours, ours_noise).prev_sample
-        eps = fake_unet(ref.scale_model_input(x_ref, t), t)
-        x_ref = reference_step(ref, eps, t, x_ref, ref_noise, eta).prev_sample
-    assert rel_err(x_ours, x_ref) < 1e-5
+    assert whole_loop_gap(ours, ref, seed=1, eta=eta) < 1e-5
 
 
 @pytest.mark.parametrize("name,spacing,karras,eta", configs())
@@ -229,14 +234,7 @@ def test_no_spacing_means_what_the_official_sd15_config_gives(name, steps):
 def test_no_spacing_whole_loop_equals_the_official_sd15_config(name):
     steps = 25
     ref, ours = official(name, steps), make_sampler(name, steps)
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    x_ours, x_ref = noise * ours.init_noise_sigma, noise * ref.init_noise_sigma
-    ours_noise, ref_noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    for i, t in enumerate(ref.timesteps):
-        x_ours = ours.step(fake_unet(ours.scale_model_input(x_ours, i), t), i, x_ours, ours_noise).prev_sample
-        eps = fake_unet(ref.scale_model_input(x_ref, t), t)
-        x_ref = reference_step(ref, eps, t, x_ref, ref_noise, 0.0).prev_sample
-    assert rel_err(x_ours, x_ref) < 1e-5
+    assert whole_loop_gap(ours, ref, seed=5, eta=0.0) < 1e-5
 
 
 # diffusers does not round DPM++ 2M's Karras timesteps under the cosine schedule: it truncates them
@@ -269,11 +267,4 @@ def test_dpmpp_2m_karras_cosine_timesteps_are_truncated_not_rounded():
 def test_cosine_karras_whole_loop_equals_diffusers(name, spacing, steps):
     ref = reference(name, steps, spacing, karras=True, schedule="cosine")
     ours = make_sampler(name, steps, schedule="cosine", spacing=spacing, karras=True)
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
-    x_ours, x_ref = noise * ours.init_noise_sigma, noise * ref.init_noise_sigma
-    ours_noise, ref_noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    for i, t in enumerate(ref.timesteps):
-        x_ours = ours.step(fake_unet(ours.scale_model_input(x_ours, i), t), i, x_ours, ours_noise).prev_sample
-        eps = fake_unet(ref.scale_model_input(x_ref, t), t)
-        x_ref = reference_step(ref, eps, t, x_ref, ref_noise, 0.0).prev_sample
-    assert rel_err(x_ours, x_ref) < 1e-5
+    assert whole_loop_gap(ours, ref, seed=6, eta=0.0) < 1e-5
