@@ -10,8 +10,9 @@ one of two ways here:
 The sigma form's x is the alpha form's x_t / √ᾱ_t, and 1/√(σ²+1) = √ᾱ_t: that is why the UNet,
 trained on the alpha form, is fed `scale_model_input(x, i)` = x / √(σ²+1).
 
-Every sampler's `timesteps`, `sigmas` and steps equal those of diffusers' scheduler with SD v1.5's
-scheduler config (the tests check it), so both give the same image from the same noise. The loop:
+Every sampler's `timesteps` and `sigmas` (chosen by `noise_schedule.schedule_for`) and steps equal
+those of diffusers' scheduler with SD v1.5's scheduler config (the tests check it), so both give the
+same image from the same noise. The loop:
 
     x = noise * sampler.init_noise_sigma
     for i, t in enumerate(sampler.timesteps):
@@ -157,6 +158,11 @@ def adams_bashforth(eps_history: list[Tensor]) -> Tensor:
 
 
 class PNDM(_StridedSampler):
+    def __init__(self, schedule: Schedule, steps: int):
+        super().__init__(schedule, steps)
+        self.eps_history: list[Tensor] = []  # the last ε's, newest last (Adams–Bashforth's inputs)
+        self.x_first: Tensor | None = None  # x before the first step, which is taken twice
+
     def step(self, eps, i, x, generator=None):
         """PLMS, the linear multistep half of PNDM (Liu et al. 2022): eq. 12's ε', then eq. 9's transfer
 
@@ -224,6 +230,10 @@ def alpha_sigma_lambda(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M) on diffusers' terms: a list of σ's, but x in the alpha form, so
     init_noise_sigma is 1, the UNet's input is x itself and add_noise is √ᾱ x0 + √(1−ᾱ) ε."""
+
+    def __init__(self, schedule: Schedule):
+        super().__init__(schedule)
+        self.x0_prev: Tensor | None = None  # the previous step's x̂₀, for the second-order term
 
     def add_noise(self, x0, noise, i):
         alpha, sigma_t, _ = alpha_sigma_lambda(self.sigmas.to(x0)[i])
