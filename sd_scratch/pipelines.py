@@ -55,7 +55,7 @@ class StepInfo:
     """What the per-step callback receives."""
 
     step: int  # index into the steps actually run (0 = first)
-    t: int  # the timestep the UNet saw
+    t: int | float  # the timestep the UNet saw (fractional for Euler's linspace and Karras timesteps)
     x_t: torch.Tensor  # the latent after this step
     x0_pred: torch.Tensor  # the sampler's prediction of the clean latent
     eps_cond: torch.Tensor  # the UNet's ε given the prompt
@@ -158,7 +158,7 @@ def denoise(model: Callable[[torch.Tensor, torch.Tensor], Prediction], sampler: 
         if after_step is not None:
             x = after_step(i, x)
         if callback is not None:
-            callback(StepInfo(n, int(t), x, result.x0_pred, prediction.eps_cond, prediction.eps_uncond))
+            callback(StepInfo(n, t.item(), x, result.x0_pred, prediction.eps_cond, prediction.eps_uncond))
     return x
 
 

@@ -185,7 +185,7 @@ class StepRecorder:
                                    cpu(info.eps_uncond)))
 
     @property
-    def timesteps(self) -> list[int]:
+    def timesteps(self) -> list[int | float]:
         return [s.t for s in self.steps]
 
     def guidance_gap(self) -> list[float]:
