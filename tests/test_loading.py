@@ -107,6 +107,7 @@ def test_the_9_channel_inpainting_unet_loads_in_both_layouts(tmp_path):
     for path in (tmp_path / "inpaint", tmp_path / "inpaint.safetensors"):
         model = sd_scratch.load(path)
         assert model.unet.config.in_channels == 9
+        assert model.family.name == "sd1-inpainting" and model.native_resolution == 512
         check_parity(model, models)
 
 
@@ -292,6 +293,13 @@ def test_an_sd2_file_is_refused_in_words(tiny_models, tmp_path):
     sd[key] = torch.zeros(sd[key].shape[0], 1024)
     with pytest.raises(CheckpointError, match=r"SD 2\.x.*1024"):
         sd_scratch.load(write(sd, tmp_path / "renamed.ckpt"))
+
+
+def test_an_sdxl_file_is_refused_in_words(tiny_models, tmp_path):
+    sd = single_file_layout(tiny_models)
+    sd["conditioner.embedders.1.model.token_embedding.weight"] = torch.zeros(49408, 8)
+    with pytest.raises(CheckpointError, match=r"sd_xl_base\.safetensors: it is an SDXL checkpoint"):
+        sd_scratch.load(write(sd, tmp_path / "sd_xl_base.safetensors"))
 
 
 def test_a_file_without_all_three_parts_is_refused(tiny_models, tmp_path):

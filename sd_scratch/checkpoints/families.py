@@ -3,19 +3,17 @@
 A family fixes what the tensors cannot say: the text encoder's kind and its pad id, whether the
 UNet predicts ε or v, the resolution it was trained at (the default image size). A file is matched
 to a row by its `Signature`, a few facts read off its key names and shapes (or a diffusers folder's
-config files) before anything is built. The first row that matches wins; a row with a `refusal`
-stops the load with that reason.
+config files) before anything is built: the row's text encoder and every size it gives must agree.
+The first row that matches wins; a row with a `refusal` stops the load with that reason. A new
+family (SD 2.x's 512-base and 768-v, say) is a new row, not a new code path.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 from ..tokenizer import END_OF_TEXT
 
 SD1_CONTEXT_DIM = 768  # CLIP ViT-L/14's width, the UNet's cross-attention input in SD v1
 SD2_CONTEXT_DIM = 1024  # OpenCLIP ViT-H/14's, in SD 2.x
-SDXL_CONTEXT_DIM = 2048  # CLIP ViT-L + OpenCLIP ViT-bigG, concatenated, in SDXL
 LATENT_CHANNELS = 4  # SD's latent; the inpainting UNet adds 1 (mask) + 4 (masked image's latent)
 INPAINT_CHANNELS = LATENT_CHANNELS + 1 + LATENT_CHANNELS
 
@@ -37,30 +35,39 @@ class Signature:
 
 @dataclass(frozen=True)
 class Family:
+    """One model family. The first group of fields both describes it and recognises it: a file is of
+    this family when its signature has this text encoder and every size the row gives (None: any)."""
+
     name: str
     title: str
-    recognise: Callable[[Signature], bool]
     text_encoder: str = "clip"  # the text encoder's preset: CLIP ViT-L/14's layout and quick-GELU
+    context_dim: int | None = None  # the text width the UNet's cross-attention reads
+    in_channels: int | None = None  # the UNet's input channels
+    unet_widths: tuple[int, ...] | None = None  # the UNet's distinct level widths
     pad_id: int = END_OF_TEXT  # what the tokenizer pads the 77-id row with (SD v1's CLIP: 49407)
     prediction_type: str = "epsilon"  # the UNet predicts the noise ε
     native_resolution: int = 512  # pixels per side it was trained at: the default image size
     refusal: str | None = None  # why sd-scratch does not load this family (None: it does)
 
+    def recognises(self, s: Signature) -> bool:
+        wanted = ((self.context_dim, s.context_dim), (self.in_channels, s.in_channels),
+                  (self.unet_widths, s.unet_widths))
+        return s.text_encoder == self.text_encoder and all(want is None or want == got for want, got in wanted)
 
+
+SD2_REFUSAL = ("it is an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide text context), which sd-scratch "
+               "does not support yet (SD v1.x only)")
 FAMILIES: tuple[Family, ...] = (
-    Family("sdxl", "SDXL", lambda s: s.text_encoder == "sdxl" or s.context_dim == SDXL_CONTEXT_DIM,
-           refusal="it is an SDXL checkpoint; sd-scratch supports SD v1.x only"),
-    Family("sd2", "SD 2.x", lambda s: s.text_encoder == "openclip" or s.context_dim == SD2_CONTEXT_DIM,
-           refusal="it is an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide text context), which "
-                   "sd-scratch does not support yet (SD v1.x only)"),
+    Family("sdxl", "SDXL", text_encoder="sdxl", refusal="it is an SDXL checkpoint; sd-scratch supports SD v1.x only"),
+    Family("sd2", "SD 2.x", text_encoder="openclip", refusal=SD2_REFUSAL),
+    # diffusers folders hold SD 2.x's OpenCLIP tower as a CLIP text model, 1024 wide
+    Family("sd2-folder", "SD 2.x (diffusers folder)", context_dim=SD2_CONTEXT_DIM, refusal=SD2_REFUSAL),
     # The built-in model (weights/README.md): SD v1's layout at toy sizes, trained on 64×64 pictures.
-    Family("tiny-shapes", "the built-in shapes model",
-           lambda s: s.text_encoder == "clip" and s.context_dim == 128 and s.unet_widths == (64, 128)
-           and s.in_channels == LATENT_CHANNELS, native_resolution=64),
-    Family("sd1-inpainting", "SD 1.x inpainting",
-           lambda s: s.text_encoder == "clip" and s.in_channels == INPAINT_CHANNELS),
+    Family("tiny-shapes", "the built-in shapes model", context_dim=128, in_channels=LATENT_CHANNELS,
+           unet_widths=(64, 128), native_resolution=64),
+    Family("sd1-inpainting", "SD 1.x inpainting", in_channels=INPAINT_CHANNELS),
     # SD v1.x at any size of its layout (v1-5-pruned-emaonly, sd-v1-4, and small test configs).
-    Family("sd1", "SD 1.x", lambda s: s.text_encoder == "clip" and s.in_channels == LATENT_CHANNELS),
+    Family("sd1", "SD 1.x", in_channels=LATENT_CHANNELS),
 )
 BY_NAME = {family.name: family for family in FAMILIES}
 
@@ -76,7 +83,7 @@ class UnknownFamily(ValueError):
 def family_of(signature: Signature, source: str) -> Family:
     """The first family whose row recognises `signature`; refusals and no match raise, naming `source`."""
     for family in FAMILIES:
-        if family.recognise(signature):
+        if family.recognises(signature):
             if family.refusal:
                 raise UnknownFamily(f"{source}: {family.refusal}", refused=True)
             return family
