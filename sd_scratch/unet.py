@@ -29,7 +29,8 @@ from .attention import attention
 # The sinusoid's longest period, as in "Attention is all you need" and the LDM code (max_period).
 MAX_PERIOD = 10_000
 # SD v1 uses 8 attention heads at every level (v1-inference.yaml `num_heads: 8`). A checkpoint does
-# not record the head count, so a single file is read with this value.
+# not record the head count, so a single file is read with this value, or, for families whose heads
+# have a fixed width (SD 2.x: v2-inference.yaml `num_head_channels: 64`), with channels / that width.
 SD_V1_HEADS = 8
 # GroupNorm groups and epsilons of SD v1's UNet (ResNet blocks / spatial transformers).
 NORM_GROUPS = 32
@@ -45,34 +46,43 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (True, True, True, False)
     layers_per_level: int = 2  # ResNet blocks per level on the way down (one more on the way up)
     transformer_depth: int = 1
-    heads: int = SD_V1_HEADS
-    context_dim: int = 768  # width of the text embeddings (CLIP ViT-L/14)
+    heads: int | tuple[int, ...] = SD_V1_HEADS  # one count for every level, or one per level (SD 2.x: 5/10/20/20)
+    context_dim: int = 768  # width of the text embeddings (CLIP ViT-L/14; OpenCLIP ViT-H/14's 1024 in SD 2.x)
     norm_groups: int = NORM_GROUPS
+    linear_projection: bool = False  # SD 2.x: proj_in/proj_out are Linear layers on the tokens, not 1×1 convs
+    upcast_attention: bool = False  # q·kᵀ and the softmax in float32 under fp16/bf16 (SD 2.x)
 
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.channels[0]
+
+    def heads_at(self, level: int) -> int:
+        """Attention heads at down level `level` (its mirror on the way up; -1: the middle)."""
+        return self.heads[level] if isinstance(self.heads, tuple) else self.heads
 
     @classmethod
     def sd15(cls, **overrides) -> UNetConfig:
         return replace(cls(), **overrides)
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> UNetConfig:
-        """Read the sizes off the tensors (keys in our/diffusers naming)."""
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], head_dim: int | None = None,
+                        upcast_attention: bool = False) -> UNetConfig:
+        """Read the sizes off the tensors (keys in our/diffusers naming). The tensors do not record
+        the head count: SD v1's 8 heads, or with `head_dim` (the family's) channels / head_dim."""
         levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down_blocks."))
         layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets."))
         attention = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in sd) for i in range(levels))
+        channels = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
         config = cls(
             in_channels=sd["conv_in.weight"].shape[1],
             out_channels=sd["conv_out.weight"].shape[0],
-            channels=tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)),
+            channels=channels,
             attention_levels=attention,
             layers_per_level=layers,
+            heads=SD_V1_HEADS if head_dim is None else tuple(c // head_dim for c in channels),
+            linear_projection=any(k.endswith("proj_in.weight") and t.ndim == 2 for k, t in sd.items()),
+            upcast_attention=upcast_attention,
         )
-        if any(k.endswith("proj_in.weight") and t.ndim != 4 for k, t in sd.items()):
-            raise ValueError("this UNet projects into its transformers with linear layers (SD 2.x style); "
-                             "only SD v1's 1x1-convolution projections are supported")
         blocks = {int(k.split(".")[4]) for k in sd if k.startswith("mid_block.attentions.0.transformer_blocks.")}
         context = [t.shape[1] for k, t in sd.items() if k.endswith("attn2.to_k.weight")]
         if blocks and context:
@@ -82,13 +92,15 @@ class UNetConfig:
     @classmethod
     def from_diffusers_config(cls, cfg: dict) -> UNetConfig:
         """Read a diffusers `unet/config.json`."""
-        if cfg.get("use_linear_projection"):
-            raise ValueError("unet/config.json has use_linear_projection=true (SD 2.x); only SD v1 is supported")
-        # In SD v1's config `attention_head_dim` holds the number of heads (a diffusers naming quirk).
+        # In SD's configs `attention_head_dim` holds the number of heads (a diffusers naming quirk):
+        # 8 for SD v1, [5, 10, 20, 20] (one per level) for SD 2.x.
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", SD_V1_HEADS)
+        heads = tuple(heads) if isinstance(heads, list) else heads
         depth = cfg.get("transformer_layers_per_block", 1)
-        if not isinstance(heads, int) or not isinstance(depth, int):
-            raise ValueError("unet/config.json gives per-level heads or depths; SD v1 uses one value for all levels")
+        if not isinstance(depth, int):
+            raise ValueError("unet/config.json gives per-level transformer depths; SD v1 and 2.x use one for all levels")
+        if isinstance(heads, tuple) and len(heads) != len(cfg["block_out_channels"]):
+            raise ValueError(f"unet/config.json gives {len(heads)} head counts for {len(cfg['block_out_channels'])} levels")
         return cls(
             in_channels=cfg.get("in_channels", 4),
             out_channels=cfg.get("out_channels", 4),
@@ -99,6 +111,8 @@ class UNetConfig:
             heads=heads,
             context_dim=cfg.get("cross_attention_dim", 768),
             norm_groups=cfg.get("norm_num_groups", NORM_GROUPS),
+            linear_projection=bool(cfg.get("use_linear_projection", False)),
+            upcast_attention=bool(cfg.get("upcast_attention", False)),
         )
 
 
@@ -148,10 +162,10 @@ class ResnetBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None, else cross-attention to it."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
         context_dim = context_dim or dim
-        self.heads = heads
+        self.heads, self.upcast = heads, upcast
         self.slice_size: int | None = None  # queries per slice (attention slicing); None = all at once
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
@@ -163,7 +177,7 @@ class Attention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # (B, T, heads·d) -> (B, heads, T, d)
         q, k, v = (rearrange(a, "b t (h d) -> b h t d", h=self.heads) for a in (q, k, v))
-        out = attention(q, k, v, self.slice_size)
+        out = attention(q, k, v, self.slice_size, self.upcast)
         return self.to_out[0](rearrange(out, "b h t d -> b t (h d)"))
 
 
@@ -192,12 +206,12 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm: self-attention, cross-attention to the text, GEGLU feed-forward; each residual."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim)
+        self.attn2 = Attention(dim, heads, context_dim, upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -208,25 +222,34 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Feature map -> a sequence of H·W tokens -> transformer blocks -> feature map, plus the skip."""
+    """Feature map -> a sequence of H·W tokens -> transformer blocks -> feature map, plus the skip.
+    The projections in and out are 1×1 convolutions on the map (SD v1) or Linear layers on the
+    tokens (SD 2.x, `linear_projection`): the same map per pixel, applied before or after the reshape."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, depth: int, groups: int):
+    def __init__(self, channels: int, heads: int, cfg: UNetConfig):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.linear = cfg.linear_projection
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=TRANSFORMER_NORM_EPS)
+        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(channels, heads, context_dim) for _ in range(depth)]
+            [TransformerBlock(channels, heads, cfg.context_dim, cfg.upcast_attention) for _ in range(cfg.transformer_depth)]
         )
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
         h = rearrange(h, "b c h w -> b (h w) c")  # (B, H·W, C): one token per latent pixel
+        if self.linear:
+            h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
         h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
-        return x + self.proj_out(h)
+        return x + (h if self.linear else self.proj_out(h))
 
 
 class Downsample(nn.Module):
@@ -277,7 +300,7 @@ class MidBlock(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(c, c, time_dim, cfg.norm_groups) for _ in range(2)])
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(c, cfg.heads, cfg.context_dim, cfg.transformer_depth, cfg.norm_groups)]
+            [SpatialTransformer(c, cfg.heads_at(-1), cfg)]
         )
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -297,8 +320,8 @@ class UNet(nn.Module):
         time_dim, groups = cfg.time_embed_dim, cfg.norm_groups
         n_levels = len(cfg.channels)
 
-        def transformer(c: int) -> SpatialTransformer:
-            return SpatialTransformer(c, cfg.heads, cfg.context_dim, cfg.transformer_depth, groups)
+        def transformer(c: int, level: int) -> SpatialTransformer:
+            return SpatialTransformer(c, cfg.heads_at(level), cfg)
 
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels[0], 3, padding=1)
         self.time_embedding = TimestepMLP(cfg.channels[0], time_dim)
@@ -311,7 +334,7 @@ class UNet(nn.Module):
             resnets, attentions = [], []
             for _ in range(cfg.layers_per_level):
                 resnets.append(ResnetBlock(c, c_out, time_dim, groups))
-                attentions += [transformer(c_out)] if attends else []
+                attentions += [transformer(c_out, i)] if attends else []
                 c = c_out
                 skip_channels.append(c)
             level = Level(resnets, attentions)
@@ -329,7 +352,7 @@ class UNet(nn.Module):
             resnets, attentions = [], []
             for _ in range(cfg.layers_per_level + 1):
                 resnets.append(ResnetBlock(c + skip_channels.pop(), c_out, time_dim, groups))
-                attentions += [transformer(c_out)] if attends else []
+                attentions += [transformer(c_out, n_levels - 1 - i)] if attends else []  # mirrors down level
                 c = c_out
             level = Level(resnets, attentions)
             if i < n_levels - 1:

@@ -47,6 +47,12 @@ TINY_UNET = dict(
     cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
 )
 TINY_INPAINT_UNET = dict(TINY_UNET, in_channels=9)
+# SD 2.x's UNet at tiny sizes: Linear proj_in/proj_out, heads 64 wide (so one count per level, which
+# diffusers' config writes as `attention_head_dim`), attention upcast to fp32.
+TINY_SD2_UNET = dict(
+    TINY_UNET, block_out_channels=(64, 128, 128), attention_head_dim=(1, 2, 2), use_linear_projection=True,
+    upcast_attention=True, cross_attention_dim=128,
+)
 TINY_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32,
     block_out_channels=(32, 64, 64), norm_num_groups=32,
