@@ -12,7 +12,7 @@ is passed to the UNet, not only a pooled one. Attribute names equal the keys of 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from torch import nn
 QUICK_GELU_SLOPE = 1.702
 # CLIP's text transformer uses 64-dimensional heads (heads = width // 64 in clip/model.py).
 CLIP_HEAD_DIM = 64
+# SD 2.x reads OpenCLIP ViT-H/14's text tower at its penultimate block (v2-inference.yaml
+# `FrozenOpenCLIPEmbedder`, layer: "penultimate"): of its 24 blocks, 23 run, then the final norm.
+OPENCLIP_LAYERS_SKIPPED = 1
 
 
 @dataclass
@@ -37,21 +40,38 @@ class TextEncoderConfig:
     context_length: int = 77
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    layers_used: int | None = None  # blocks run before the final norm (None: all of them)
+    projection_dim: int | None = None  # OpenCLIP files carry text_projection and logit_scale, unused by SD
 
     @classmethod
     def sd15(cls) -> TextEncoderConfig:
+        """CLIP ViT-L/14, SD v1's text encoder."""
         return cls()
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> TextEncoderConfig:
-        """Read the sizes off the tensor shapes (keys as in this module, no `text_model.` prefix)."""
+    def openclip_vit_h14(cls) -> TextEncoderConfig:
+        """OpenCLIP ViT-H/14's text tower as SD 2.x single files hold it: 24 blocks of 1024, 16 heads,
+        exact GELU, read at the penultimate block."""
+        return cls(width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu",
+                   layers_used=24 - OPENCLIP_LAYERS_SKIPPED, projection_dim=1024)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], openclip: bool = False) -> TextEncoderConfig:
+        """Read the sizes off the tensor shapes (keys as in this module, no `text_model.` prefix).
+        `openclip`: the tower of an SD 2.x single file (exact GELU, the penultimate block, its
+        projection carried)."""
         vocab_size, width = sd["embeddings.token_embedding.weight"].shape
         layers = len({m.group(1) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
-        return cls(
+        config = cls(
             vocab_size=vocab_size, width=width, layers=layers, heads=width // CLIP_HEAD_DIM,
             mlp_width=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
             context_length=sd["embeddings.position_embedding.weight"].shape[0],
         )
+        if openclip:
+            projection = sd.get("text_projection")
+            config = replace(config, activation="gelu", layers_used=layers - OPENCLIP_LAYERS_SKIPPED,
+                             projection_dim=None if projection is None else projection.shape[1])
+        return config
 
     @classmethod
     def from_transformers_config(cls, config: dict) -> TextEncoderConfig:
@@ -148,18 +168,22 @@ class CLIPTextEncoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        if cfg.projection_dim is not None:  # carried so that the file writes back whole; never used here
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
+            self.logit_scale = nn.Parameter(torch.empty(()))
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
         """Return the final-LayerNorm'd hidden state of every token.
 
-        `clip_skip=k` stops k blocks before the last and applies the final LayerNorm to that block's
+        `clip_skip=k` stops k blocks before the last one used (`layers_used`, all by default; SD 2.x's
+        tower stops one early) and applies the final LayerNorm to that block's
         output (diffusers' `clip_skip`). So clip_skip=1 is the penultimate layer, which is what
         AUTOMATIC1111's WebUI calls "Clip skip 2" (its count starts at 1 for the last layer).
         """
         B, T = ids.shape
         if T > self.config.context_length:
             raise ValueError(f"{T} tokens exceed the context_length of {self.config.context_length}")
-        n_layers = len(self.encoder.layers)
+        n_layers = self.config.layers_used or len(self.encoder.layers)
         if not 0 <= clip_skip < n_layers:
             raise ValueError(f"clip_skip must be in [0, {n_layers - 1}], got {clip_skip}")
         x = self.embeddings(ids)  # (B, T) -> (B, T, C)

@@ -61,6 +61,9 @@ TINY_VAE = dict(
 TINY_TEXT = dict(
     SD15_TEXT, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
 )
+# SD 2.x's text encoder as a diffusers folder holds it: OpenCLIP's tower as a CLIP text model with
+# exact GELU, one block fewer than the single file's (the penultimate block is SD 2's output).
+TINY_SD2_TEXT = dict(TINY_TEXT, hidden_act="gelu", pad_token_id=0)
 
 # Parameter counts of the real SD v1.5 components (checked against the reference classes).
 SD15_PARAMETERS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
@@ -126,9 +129,6 @@ def write_tokenizer_folder(bpe_gz: Path, folder: Path) -> None:
 
 # ---- whole checkpoints in the two official layouts ------------------------------------------------
 
-# SD v1.5's scheduler/scheduler_config.json (a PNDM scheduler over the scaled_linear training
-# schedule), with the "leading" spacing written out: schedulers built from this config for other
-# samplers (Euler's own default is "linspace") then use SD's spacing, as the original scripts do.
 # SD v1.5's scheduler/scheduler_config.json exactly as the release ships it. It names no timestep
 # spacing, so each diffusers scheduler class built `from_config` of it keeps its own default.
 SD15_SCHEDULER_CONFIG = {
@@ -137,6 +137,9 @@ SD15_SCHEDULER_CONFIG = {
     "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
     "clip_sample": False,
 }
+# SD v1.5's scheduler/scheduler_config.json (a PNDM scheduler over the scaled_linear training
+# schedule), with the "leading" spacing written out: schedulers built from this config for other
+# samplers (Euler's own default is "linspace") then use SD's spacing, as the original scripts do.
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
@@ -178,8 +181,30 @@ def single_file_layout(models: dict) -> dict[str, torch.Tensor]:
     return {k: t.clone() for k, t in sd.items()}  # copies: a test may edit them, never the models
 
 
+def sd2_single_file_layout(models: dict, seed: int = 3) -> dict[str, torch.Tensor]:
+    """The SD 2.x single file of `models` (a CLIP-layout text model of N blocks, as a diffusers SD 2
+    folder holds it): UNet and VAE as in v1, the text encoder as OpenCLIP's tower under
+    `cond_stage_model.model.` through our inverse map, with the block SD 2 skips (N + 1 in all) and
+    text_projection and logit_scale, all random, as the real files carry them."""
+    from sd_scratch.checkpoints.rules import OPENCLIP_PREFIX, TEXT_PREFIX, ours_to_openclip
+
+    sd = {k: t for k, t in single_file_layout(models).items() if not k.startswith("cond_stage_model.")}
+    text = {k.removeprefix("text_model."): t for k, t in models["text_encoder"].state_dict().items()}
+    text.pop("embeddings.position_ids", None)
+    n, width = models["text_encoder"].config.num_hidden_layers, models["text_encoder"].config.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    for k, t in list(text.items()):
+        if k.startswith("encoder.layers.0."):  # the skipped last block: same shapes, its own values
+            text[k.replace("encoder.layers.0.", f"encoder.layers.{n}.")] = torch.randn(t.shape, generator=g) * 0.02
+    text["text_projection"] = torch.randn(width, width, generator=g)
+    text["logit_scale"] = torch.tensor(4.6052)
+    sd |= {OPENCLIP_PREFIX + k: t for k, t in ours_to_openclip(text, n + 1).items()}
+    assert not any(k.startswith(TEXT_PREFIX) for k in sd)
+    return {k: t.clone() for k, t in sd.items()}
+
+
 def write_diffusers_folder(models: dict, folder: Path, variant: str | None = None,
-                           safe_serialization: bool = True) -> Path:
+                           safe_serialization: bool = True, scheduler: dict | None = None) -> Path:
     """Save the reference models as a diffusers StableDiffusion(Inpaint)Pipeline folder."""
     from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer as ReferenceTokenizer
@@ -191,7 +216,7 @@ def write_diffusers_folder(models: dict, folder: Path, variant: str | None = Non
                                    model_max_length=77)  # as in the official tokenizer_config.json
     cls = StableDiffusionInpaintPipeline if models["unet"].config.in_channels == 9 else StableDiffusionPipeline
     pipe = cls(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer, unet=models["unet"],
-               scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+               scheduler=PNDMScheduler(**(scheduler or SD15_SCHEDULER)), safety_checker=None, feature_extractor=None,
                requires_safety_checker=False)
     pipe.save_pretrained(folder, variant=variant, safe_serialization=safe_serialization)
     return folder

@@ -53,3 +53,111 @@ def test_upcast_attention_stays_finite_where_fp16_overflows():
     up = attention(q, k, v, upcast=True)
     assert up.dtype == torch.float16 and torch.isfinite(up).all()
     assert rel_err(up.float(), attention(q.float(), k.float(), v.float())) <= 5e-3
+
+
+# ---- whole SD 2.x checkpoints, both layouts ----------------------------------------------------
+
+import warnings  # noqa: E402
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import sd_scratch  # noqa: E402
+from sd_scratch.checkpoints.rules import OPENCLIP_PREFIX  # noqa: E402
+from tests.reference import (SD15_SCHEDULER, TINY_SD2_TEXT, TINY_VAE, make_text_encoder, make_vae,  # noqa: E402
+                             sd2_single_file_layout, write_diffusers_folder)
+
+PROMPTS = ["a red circle at the top left", "an astronaut riding a horse, on the moon"]
+
+
+@pytest.fixture(scope="module")
+def sd2_models(sd2_unet):
+    return {"unet": sd2_unet, "vae": make_vae(TINY_VAE), "text_encoder": make_text_encoder(TINY_SD2_TEXT)}
+
+
+@pytest.fixture(scope="module")
+def sd2_files(sd2_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd2")
+    write_diffusers_folder(sd2_models, root / "v-folder", scheduler=dict(SD15_SCHEDULER, prediction_type="v_prediction"))
+    write_diffusers_folder(sd2_models, root / "base-folder")
+    save_file(sd2_single_file_layout(sd2_models), str(root / "v2-1_768-ema-pruned.safetensors"))
+    return root
+
+
+def check_sd2_parity(model, models):
+    assert model.tokenizer.pad_id == 0  # OpenCLIP pads with 0
+    ids = model.tokenizer(PROMPTS)
+    assert ids[0, -1] == 0
+    x, t, context = unet_inputs(128)
+    with torch.no_grad():
+        assert rel_err(model.text_encoder(ids), models["text_encoder"](ids).last_hidden_state) <= 1e-4
+        assert rel_err(model.unet(x, t, context), models["unet"](x, t, context).sample) <= 1e-4
+
+
+def test_an_sd2_diffusers_folder_loads_with_its_scheduler_saying_v_or_epsilon(sd2_files, sd2_models):
+    v = sd_scratch.load(sd2_files / "v-folder")
+    assert (v.family.name, v.prediction_type, v.native_resolution) == ("sd2-v", "v_prediction", 768)
+    assert any("scheduler/scheduler_config.json" in n for n in v.report.notes)
+    check_sd2_parity(v, sd2_models)
+    base = sd_scratch.load(sd2_files / "base-folder")
+    assert (base.family.name, base.prediction_type, base.native_resolution) == ("sd2", "epsilon", 512)
+
+
+def test_an_sd2_single_file_keeps_all_blocks_and_reads_the_penultimate(sd2_files, sd2_models):
+    model = sd_scratch.load(sd2_files / "v2-1_768-ema-pruned.safetensors", prediction_type="v_prediction")
+    assert model.family.name == "sd2-v" and any("given as prediction_type" in n for n in model.report.notes)
+    cfg = model.text_encoder.config
+    assert (cfg.layers, cfg.layers_used, cfg.activation) == (3, 2, "gelu")  # 3 blocks kept, 2 read
+    assert model.unet.config.heads == (1, 2, 2) and model.unet.config.upcast_attention
+    check_sd2_parity(model, sd2_models)
+
+
+def test_an_sd2_single_file_written_back_is_the_same_file(sd2_files, tmp_path):
+    path = sd2_files / "v2-1_768-ema-pruned.safetensors"
+    model = sd_scratch.load(path, prediction_type="epsilon")
+    sd_scratch.save_single_file(model, tmp_path / "again.safetensors")
+    original, again = load_file(path), load_file(tmp_path / "again.safetensors")
+    kept = {k for k in original if not k.startswith(("betas", "alphas", "sqrt_", "logvar", "model_ema."))}
+    assert kept == set(again)
+    assert all(torch.equal(original[k], again[k]) for k in kept)
+
+
+def test_diffusers_reads_our_openclip_layout_back(sd2_files, sd2_models):
+    """Our inverse map against diffusers' own single-file converter: every tensor bit-equal."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    checkpoint = load_file(sd2_files / "v2-1_768-ema-pruned.safetensors")
+    converted = convert_open_clip_checkpoint(sd2_models["text_encoder"], checkpoint)
+    expected = sd2_models["text_encoder"].state_dict()
+    shared = [k for k in expected if k in converted]
+    assert len(shared) == len([k for k in expected if not k.endswith("position_ids")])
+    assert all(torch.equal(converted[k], expected[k]) for k in shared)
+
+
+def test_a_yaml_beside_the_file_says_v(sd2_files, tmp_path):
+    path = tmp_path / "v2-1_768-ema-pruned.safetensors"
+    path.write_bytes((sd2_files / path.name).read_bytes())
+    path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    model = sd_scratch.load(path)
+    assert model.prediction_type == "v_prediction"
+    assert any("v2-1_768-ema-pruned.yaml" in n for n in model.report.notes)
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    assert sd_scratch.load(path).prediction_type == "epsilon"  # a yaml without parameterization: ε
+
+
+def test_with_nothing_to_say_the_probe_guesses_and_says_so(sd2_files):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = sd_scratch.load(sd2_files / "v2-1_768-ema-pruned.safetensors")
+    assert model.prediction_type in ("epsilon", "v_prediction")
+    assert any("probe" in str(w.message) for w in caught)
+    assert any("guessed" in n for n in model.report.notes)
+
+
+def test_an_sd2_depth_file_is_refused_in_words(sd2_files, tmp_path):
+    sd = load_file(sd2_files / "v2-1_768-ema-pruned.safetensors")
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    sd[key] = torch.randn(sd[key].shape[0], 5, 3, 3)
+    save_file(sd, str(tmp_path / "512-depth-ema.safetensors"))
+    with pytest.raises(ValueError, match=r"512-depth-ema\.safetensors: it is SD 2's depth-to-image model"):
+        sd_scratch.load(tmp_path / "512-depth-ema.safetensors")
+    assert OPENCLIP_PREFIX + "logit_scale" in sd

@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ..tokenizer import END_OF_TEXT
 
+OPENCLIP_PAD_ID = 0  # OpenCLIP's tokenizer pads the 77-id row with 0 after the end token (SD v1's CLIP pads with 49407)
+SD2_HEAD_DIM = 64  # v2-inference.yaml `num_head_channels: 64`: SD 2.x's UNet heads are 64 wide (5/10/20/20 of them)
+
 SD1_CONTEXT_DIM = 768  # CLIP ViT-L/14's width, the UNet's cross-attention input in SD v1
 SD2_CONTEXT_DIM = 1024  # OpenCLIP ViT-H/14's, in SD 2.x
 LATENT_CHANNELS = 4  # SD's latent; the inpainting UNet adds 1 (mask) + 4 (masked image's latent)
@@ -22,7 +25,7 @@ INPAINT_CHANNELS = LATENT_CHANNELS + 1 + LATENT_CHANNELS
 class Signature:
     """What a file tells about its model before it is built."""
 
-    text_encoder: str  # "clip" (CLIP's layout), "openclip" (SD 2.x single files), "sdxl" (two encoders)
+    text_encoder: str  # "clip" (SD v1's CLIP ViT-L/14), "openclip" (SD 2.x's OpenCLIP ViT-H/14), "sdxl" (two)
     context_dim: int | None  # the width of the text the UNet's cross-attention reads
     in_channels: int | None  # the UNet's input channels
     unet_widths: tuple[int, ...] = ()  # the UNet's distinct level widths, down the U
@@ -45,8 +48,10 @@ class Family:
     in_channels: int | None = None  # the UNet's input channels
     unet_widths: tuple[int, ...] | None = None  # the UNet's distinct level widths
     pad_id: int = END_OF_TEXT  # what the tokenizer pads the 77-id row with (SD v1's CLIP: 49407)
-    prediction_type: str = "epsilon"  # the UNet predicts the noise ε
+    prediction_type: str = "epsilon"  # "epsilon": the UNet predicts the noise ε; "v_prediction": v
     native_resolution: int = 512  # pixels per side it was trained at: the default image size
+    unet_head_dim: int | None = None  # heads of this width (None: SD v1's 8 heads at every level)
+    upcast_attention: bool = False  # attention in fp32 under fp16/bf16 (SD 2.x's original code always did)
     refusal: str | None = None  # why sd-scratch does not load this family (None: it does)
 
     def recognises(self, s: Signature) -> bool:
@@ -55,13 +60,17 @@ class Family:
         return s.text_encoder == self.text_encoder and all(want is None or want == got for want, got in wanted)
 
 
-SD2_REFUSAL = ("it is an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide text context), which sd-scratch "
-               "does not support yet (SD v1.x only)")
+SD2 = dict(text_encoder="openclip", pad_id=OPENCLIP_PAD_ID, unet_head_dim=SD2_HEAD_DIM, upcast_attention=True)
 FAMILIES: tuple[Family, ...] = (
-    Family("sdxl", "SDXL", text_encoder="sdxl", refusal="it is an SDXL checkpoint; sd-scratch supports SD v1.x only"),
-    Family("sd2", "SD 2.x", text_encoder="openclip", refusal=SD2_REFUSAL),
-    # diffusers folders hold SD 2.x's OpenCLIP tower as a CLIP text model, 1024 wide
-    Family("sd2-folder", "SD 2.x (diffusers folder)", context_dim=SD2_CONTEXT_DIM, refusal=SD2_REFUSAL),
+    Family("sdxl", "SDXL", text_encoder="sdxl", refusal="it is an SDXL checkpoint; sd-scratch supports SD v1.x and 2.x"),
+    # SD 2.x: no tensor says ε or v, so two rows share a signature and the file's declared (or
+    # probed) prediction type picks one (checkpoints/load.py `prediction_type_of`).
+    Family("sd2-v", "SD 2.x 768-v", in_channels=LATENT_CHANNELS, prediction_type="v_prediction",
+           native_resolution=768, **SD2),
+    Family("sd2", "SD 2.x 512-base", in_channels=LATENT_CHANNELS, **SD2),
+    Family("sd2-inpainting", "SD 2.x inpainting", in_channels=INPAINT_CHANNELS, **SD2),
+    Family("sd2-depth", "SD 2.x depth", in_channels=LATENT_CHANNELS + 1, **SD2,
+           refusal="it is SD 2's depth-to-image model (5 input channels), which sd-scratch does not support yet"),
     # The built-in model (weights/README.md): SD v1's layout at toy sizes, trained on 64×64 pictures.
     Family("tiny-shapes", "the built-in shapes model", context_dim=128, in_channels=LATENT_CHANNELS,
            unet_widths=(64, 128), native_resolution=64),
@@ -80,10 +89,16 @@ class UnknownFamily(ValueError):
         self.refused = refused
 
 
-def family_of(signature: Signature, source: str) -> Family:
-    """The first family whose row recognises `signature`; refusals and no match raise, naming `source`."""
+def candidates(signature: Signature) -> list[Family]:
+    """Every row that recognises `signature`, in table order."""
+    return [family for family in FAMILIES if family.recognises(signature)]
+
+
+def family_of(signature: Signature, source: str, prediction_type: str | None = None) -> Family:
+    """The first family whose row recognises `signature` (and predicts `prediction_type`, if given);
+    refusals and no match raise, naming `source`."""
     for family in FAMILIES:
-        if family.recognises(signature):
+        if family.recognises(signature) and prediction_type in (None, family.prediction_type):
             if family.refusal:
                 raise UnknownFamily(f"{source}: {family.refusal}", refused=True)
             return family
@@ -119,8 +134,10 @@ def single_file_signature(keys_and_shapes: dict[str, tuple[int, ...]]) -> Signat
 
 
 def folder_signature(unet_config: dict, text_config: dict, has_second_text_encoder: bool) -> Signature:
-    """The signature of a diffusers folder, from `unet/config.json` and `text_encoder/config.json`."""
+    """The signature of a diffusers folder, from `unet/config.json` and `text_encoder/config.json`.
+    SD 2.x folders hold OpenCLIP's tower in CLIP's layout; its exact GELU tells it from CLIP's quick-GELU."""
     context = unet_config.get("cross_attention_dim", text_config.get("hidden_size"))
-    return Signature("sdxl" if has_second_text_encoder else "clip",
+    text_encoder = "openclip" if text_config.get("hidden_act") == "gelu" else "clip"
+    return Signature("sdxl" if has_second_text_encoder else text_encoder,
                      context if isinstance(context, int) else None, unet_config.get("in_channels", LATENT_CHANNELS),
                      _ordered_unique(unet_config.get("block_out_channels", ())))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,12 @@ from ..text_encoder import CLIP_HEAD_DIM, CLIPTextEncoder, TextEncoderConfig
 from ..tokenizer import CLIPTokenizer
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
-from .families import Family, UnknownFamily, family_of, folder_signature, single_file_signature
+from .families import (Family, Signature, UnknownFamily, candidates, family_of, folder_signature,
+                       single_file_signature)
 from .files import CheckpointError, read_checkpoint, read_sharded
-from .rules import (EMA_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Rule, convert, ema_key, original_unet_shape,
-                    original_vae_shape, rename, unet_rules, vae_rules)
+from .rules import (EMA_PREFIX, OPENCLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Rule, convert, ema_key,
+                    openclip_key_is_known, openclip_to_ours, original_unet_shape, original_vae_shape, ours_to_openclip, rename, unet_rules,
+                    vae_rules)
 
 log = logging.getLogger("sd_scratch")
 
@@ -49,6 +52,9 @@ EMA_SCALARS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
 # CLIP's position ids are a buffer in transformers; we rebuild them as integers 0..76. Some merged
 # checkpoints store them as floats, which would index wrongly, so the stored copy is never used.
 POSITION_IDS = "embeddings.position_ids"
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# AUTOMATIC1111's threshold for its v-or-ε probe (modules/sd_models_config.py): mean(out − x) below it is v.
+PROBE_V_BELOW = -1.0
 # The built-in model (`weights/README.md`), shipped inside the package: what `load()` reads when
 # it is given no path.
 BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "data" / "tiny-shapes.safetensors"
@@ -75,9 +81,9 @@ class LoadReport:
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32, *,
          use_ema: bool = True, variant: str | None = None, strict: bool = True,
-         vae_dtype: torch.dtype | str | None = None) -> StableDiffusion:
-    """Load an SD v1.x checkpoint: a single `.safetensors`/`.ckpt` file or a diffusers folder; with no
-    path, the built-in 64×64 shapes model (BUILTIN_MODEL, trained by scripts/train_tiny.py).
+         vae_dtype: torch.dtype | str | None = None, prediction_type: str | None = None) -> StableDiffusion:
+    """Load an SD v1.x or 2.x checkpoint: a single `.safetensors`/`.ckpt` file or a diffusers folder;
+    with no path, the built-in 64×64 shapes model (BUILTIN_MODEL, trained by scripts/train_tiny.py).
 
     use_ema: when a single file holds both the EMA and the raw UNet weights (e.g. `v1-5-pruned.ckpt`),
         take the EMA copy (True, the default: the weights the released samples were made with) or
@@ -87,37 +93,103 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         the report as ignored and warns.
     vae_dtype: the VAE's dtype; by default `dtype`, except float32 when `dtype` is fp16 (the SD VAE
         overflows in fp16 and decodes NaN, i.e. black images).
+    prediction_type: "epsilon" or "v_prediction", for files that do not say (SD 2.x: no tensor
+        tells 512-base's ε from 768-v's v). Without it: a `<file stem>.yaml` beside a single file
+        (`parameterization: "v"`), a folder's `scheduler/scheduler_config.json`, and only then a
+        guess from one UNet call; `sd.report` says which it was.
     """
     path = Path(path) if path is not None else BUILTIN_MODEL
     dtype = as_dtype(dtype)
     vae_dtype = as_dtype(vae_dtype, "vae_dtype") if vae_dtype is not None else None
+    declared = _declared_prediction_type(path, prediction_type)
     if path.is_dir():
-        parts, family, report = _read_diffusers_folder(path, variant, strict)
+        read = _read_diffusers_folder(path, variant, strict, declared)
     else:
-        parts, family, report = _read_single_file(path, use_ema, strict)
-    return _assemble(parts, family, report, device, dtype, vae_dtype)
+        read = _read_single_file(path, use_ema, strict, declared)
+    return _assemble(read, declared, device, dtype, vae_dtype)
 
 
-def _assemble(parts, family: Family, report: LoadReport, device, dtype: torch.dtype,
+@dataclass
+class _Read:
+    """A checkpoint read into our (not yet placed) modules, and what told which family it is."""
+
+    parts: tuple[CLIPTokenizer, CLIPTextEncoder, UNet, AutoencoderKL]
+    family: Family
+    signature: Signature
+    report: LoadReport
+
+
+def _declared_prediction_type(path: Path, explicit: str | None) -> tuple[str | None, str]:
+    """(prediction type, where it was read) from what the user or the files say; (None, "") if nothing does."""
+    if explicit is not None:
+        if explicit not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES} or None, got {explicit!r}")
+        return explicit, "given as prediction_type"
+    config = path / "scheduler" / "scheduler_config.json"
+    if path.is_dir() and config.is_file():
+        return _read_json(config).get("prediction_type", "epsilon"), "scheduler/scheduler_config.json"
+    yaml = path.with_suffix(".yaml")
+    if not path.is_dir() and yaml.is_file():
+        v = re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", yaml.read_text(encoding="utf-8", errors="replace"),
+                      re.MULTILINE)
+        return ("v_prediction" if v else "epsilon"), f"{yaml.name} (parameterization)"
+    return None, ""
+
+
+def probe_prediction_type(unet: UNet) -> str:
+    """AUTOMATIC1111's guess (modules/sd_models_config.py) from one UNet call on x = 0.5 at t = 999 with
+    a context of 0.5: a v-model's output lies well below x there (mean(out − x) < −1), an ε-model's does not."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    context = torch.full((1, 2, unet.config.context_dim), 0.5, device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        gap = (unet(x, 999, context) - x[:, : unet.config.out_channels]).float().mean().item()
+    return "v_prediction" if gap < PROBE_V_BELOW else "epsilon"
+
+
+def _assemble(read: _Read, declared: tuple[str | None, str], device, dtype: torch.dtype,
               vae_dtype: torch.dtype | None = None) -> StableDiffusion:
-    tokenizer, text_encoder, unet, vae = parts
+    tokenizer, text_encoder, unet, vae = read.parts
+    family, report = read.family, read.report
     vae_dtype = vae_dtype or vae_dtype_for(dtype)
     for module, module_dtype in ((text_encoder, dtype), (unet, dtype), (vae, vae_dtype)):
         module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
+    if len({f.prediction_type for f in candidates(read.signature) if not f.refusal}) > 1:  # ε or v?
+        prediction, told_by = declared
+        if prediction is None:
+            prediction = probe_prediction_type(unet)
+            told_by = "guessed by AUTOMATIC1111's one-UNet-call probe; pass prediction_type= to be sure"
+            warnings.warn(f"{report.source}: nothing says whether this model predicts ε or v; {told_by}: "
+                          f"{prediction}", stacklevel=3)
+        family = family_of(read.signature, report.source, prediction)
+        report.notes.insert(0, f"prediction type: {prediction} ({told_by})")
+    elif declared[0] is not None and declared[0] != family.prediction_type:
+        report.notes.insert(0, f"prediction type: {family.prediction_type} (the family's; {declared[1]} says "
+                               f"{declared[0]}, which this family does not use)")
     report.notes.insert(0, f"model family: {family.title} ({family.name}; native {family.native_resolution}×"
                            f"{family.native_resolution}, predicts {family.prediction_type})")
     log.info("%s", report)
     return StableDiffusion(tokenizer, text_encoder, unet, vae, family, name=Path(report.source).stem, report=report)
 
 
-def _family(signature, source: Path) -> Family:
+def _family(signature: Signature, source: Path, prediction_type: str | None) -> Family:
     try:
-        return family_of(signature, str(source))
+        return family_of(signature, str(source), prediction_type)
     except UnknownFamily as err:
         raise CheckpointError(str(err)) from None
 
 
-def _text_config(text_sd: dict[str, torch.Tensor], source: Path) -> TextEncoderConfig:
+def _openclip_to_ours(text_sd: dict[str, torch.Tensor], path: Path, strict: bool,
+                      report: LoadReport) -> dict[str, torch.Tensor]:
+    """SD 2.x's OpenCLIP tower in our names; tensors no rule covers are unknown extras."""
+    layers = 1 + max((int(k.split(".")[2]) for k in text_sd if k.startswith("transformer.resblocks.")), default=-1)
+    known = {k: t for k, t in text_sd.items() if openclip_key_is_known(k, layers)}
+    _unknown_extras([OPENCLIP_PREFIX + k for k in text_sd if k not in known], path, strict, report)
+    report.notes.append(f"text encoder: OpenCLIP's tower, {layers} blocks kept, the penultimate one read (SD 2.x)")
+    return openclip_to_ours(known, layers)
+
+
+def _text_config(text_sd: dict[str, torch.Tensor], source: Path, openclip: bool = False) -> TextEncoderConfig:
     """The text encoder's sizes read off its tensors; a width CLIP's 64-wide heads cannot divide is an
     error naming the file (the head count is not stored, so it is width / 64)."""
     width = text_sd["embeddings.token_embedding.weight"].shape[1] if "embeddings.token_embedding.weight" in text_sd else None
@@ -125,50 +197,53 @@ def _text_config(text_sd: dict[str, torch.Tensor], source: Path) -> TextEncoderC
         raise CheckpointError(f"{source}: the text encoder is {width} wide; a CLIP text encoder's width is a "
                               f"multiple of its {CLIP_HEAD_DIM}-wide heads (768 in SD v1)")
     try:
-        return TextEncoderConfig.from_state_dict(text_sd)
+        return TextEncoderConfig.from_state_dict(text_sd, openclip)
     except KeyError as err:
-        raise CheckpointError(f"{source}: the text encoder lacks {TEXT_PREFIX}{err.args[0]}") from None
+        raise CheckpointError(f"{source}: the text encoder lacks {err.args[0]}") from None
 
 
 # ---- single file --------------------------------------------------------------------------------
 
-def _read_single_file(path: Path, use_ema: bool, strict: bool):
+def _read_single_file(path: Path, use_ema: bool, strict: bool, declared: tuple[str | None, str]) -> _Read:
     contents = read_checkpoint(path)
     report = LoadReport(str(path), "single-file", files=[str(path)])
     report.notes.append(f"format: {contents.format}")
     if contents.ignored_entries:
         report.notes.append("non-tensor entries dropped: " + ", ".join(contents.ignored_entries))
-    return _parts_from_single_file(contents.tensors, path, use_ema, strict, report)
+    return _parts_from_single_file(contents.tensors, path, use_ema, strict, report, declared[0])
 
 
 def from_single_file_state_dict(sd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                                 dtype: torch.dtype | str = torch.float32, *, use_ema: bool = True,
                                 strict: bool = True, vae_dtype: torch.dtype | str | None = None,
-                                source: str = "<state dict>") -> StableDiffusion:
+                                source: str = "<state dict>", prediction_type: str | None = None) -> StableDiffusion:
     """`load` for tensors already in memory under the single-file (CompVis) names. The parts take
     the given tensors as their parameters (no copy where device and dtype already match)."""
     report = LoadReport(source, "single-file")
-    parts, family, report = _parts_from_single_file(sd, Path(source), use_ema, strict, report)
-    return _assemble(parts, family, report, device, as_dtype(dtype),
-                     as_dtype(vae_dtype, "vae_dtype") if vae_dtype else None)
+    declared = _declared_prediction_type(Path(source), prediction_type) if prediction_type else (None, "")
+    read = _parts_from_single_file(sd, Path(source), use_ema, strict, report, declared[0])
+    return _assemble(read, declared, device, as_dtype(dtype), as_dtype(vae_dtype, "vae_dtype") if vae_dtype else None)
 
 
 def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bool, strict: bool,
-                            report: LoadReport):
+                            report: LoadReport, prediction_type: str | None = None) -> _Read:
     family, unknown = None, None
+    signature = single_file_signature({k: tuple(t.shape) for k, t in sd.items()})
     try:
-        family = family_of(single_file_signature({k: tuple(t.shape) for k, t in sd.items()}), str(path))
+        family = family_of(signature, str(path), prediction_type)
     except UnknownFamily as err:  # a refusal stops here; no match waits for a clearer missing-part error
         if err.refused:
             raise CheckpointError(str(err)) from None
         unknown = CheckpointError(str(err))
 
+    openclip = family is not None and family.text_encoder == "openclip"
+    text_prefix = OPENCLIP_PREFIX if openclip else TEXT_PREFIX
     unet_sd = _take_prefix(sd, UNET_PREFIX)
     vae_sd = _take_prefix(sd, VAE_PREFIX)
-    text_sd = _take_prefix(sd, TEXT_PREFIX)
+    text_sd = _take_prefix(sd, text_prefix)
     for name, part in (("UNet", unet_sd), ("VAE", vae_sd), ("text encoder", text_sd)):
         if not part:
-            prefix = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX, "text encoder": TEXT_PREFIX}[name]
+            prefix = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX, "text encoder": text_prefix}[name]
             raise CheckpointError(f"{path}: has no {name} tensors ({prefix}*); a full SD v1 checkpoint has "
                                   "all three parts (is this a VAE, LoRA or embedding file?)")
     if unknown is not None:
@@ -187,11 +262,14 @@ def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bo
         report.notes.append("the file holds EMA and raw UNet weights; using the raw ones (use_ema=False)")
         report.ignored += sorted(ema_keys)
 
-    leftovers = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)) and k not in ema_keys]
+    leftovers = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, text_prefix)) and k not in ema_keys]
     known = [k for k in leftovers if k in SCHEDULE_BUFFERS or k in EMA_SCALARS]
     report.ignored += known
     _unknown_extras([k for k in leftovers if k not in known], path, strict, report)
-    _drop_position_ids(text_sd, TEXT_PREFIX, report)
+    if openclip:
+        text_sd = _openclip_to_ours(text_sd, path, strict, report)
+    else:
+        _drop_position_ids(text_sd, TEXT_PREFIX, report)
 
     u_rules = unet_rules(*original_unet_shape(unet_sd))
     v_rules = vae_rules(*original_vae_shape(vae_sd))
@@ -199,14 +277,15 @@ def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bo
     vae_sd = _convert_or_report(vae_sd, v_rules, VAE_PREFIX, path, strict, report)
 
     with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
-        unet = UNet(UNetConfig.from_state_dict(unet_sd))
+        unet = UNet(UNetConfig.from_state_dict(unet_sd, family.unet_head_dim, family.upcast_attention))
         vae = AutoencoderKL(VAEConfig.from_state_dict(vae_sd))
-        text_encoder = CLIPTextEncoder(_text_config(text_sd, path))
+        text_encoder = CLIPTextEncoder(_text_config(text_sd, path, openclip))
     _build(unet, unet_sd, path, _original_namer(u_rules, UNET_PREFIX), strict, report)
     _build(vae, vae_sd, path, _original_namer(v_rules, VAE_PREFIX), strict, report)
-    _build(text_encoder, text_sd, path, lambda k: TEXT_PREFIX + k, strict, report)
+    _build(text_encoder, text_sd, path, lambda k: text_prefix + k, strict, report)
     report.notes.append("tokenizer: the vendored CLIP BPE vocabulary (a single file carries none)")
-    return (CLIPTokenizer(pad_id=family.pad_id), text_encoder, unet, vae), family, report
+    _check_context(unet, text_encoder, path)
+    return _Read((CLIPTokenizer(pad_id=family.pad_id), text_encoder, unet, vae), family, signature, report)
 
 
 def _take_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -237,7 +316,7 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
 LEGACY_VAE_ATTENTION = (("query.", "to_q."), ("key.", "to_k."), ("value.", "to_v."), ("proj_attn.", "to_out.0."))
 
 
-def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool):
+def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool, declared: tuple[str | None, str]) -> _Read:
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: is a folder without model_index.json; expected a diffusers SD folder "
                               "(model_index.json, unet/, vae/, text_encoder/, tokenizer/) or a checkpoint file")
@@ -247,7 +326,8 @@ def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool):
 
     unet_cfg_json = _read_json(folder / "unet" / "config.json")
     text_cfg_json = _read_json(folder / "text_encoder" / "config.json")
-    family = _family(folder_signature(unet_cfg_json, text_cfg_json, (folder / "text_encoder_2").is_dir()), folder)
+    signature = folder_signature(unet_cfg_json, text_cfg_json, (folder / "text_encoder_2").is_dir())
+    family = _family(signature, folder, declared[0])
 
     unet_sd = _read_part(folder / "unet", variant, report)
     vae_sd = _read_part(folder / "vae", variant, report)
@@ -270,7 +350,8 @@ def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool):
     else:
         tokenizer = CLIPTokenizer(pad_id=family.pad_id)
         report.notes.append("tokenizer: no tokenizer/ folder, so the vendored CLIP BPE vocabulary")
-    return (tokenizer, text_encoder, unet, vae), family, report
+    _check_context(unet, text_encoder, folder)
+    return _Read((tokenizer, text_encoder, unet, vae), family, signature, report)
 
 
 def _read_json(path: Path) -> dict:
@@ -327,6 +408,13 @@ def _drop_position_ids(text_sd: dict[str, torch.Tensor], shown_prefix: str, repo
                             "of some merged checkpoints); ignored, positions are rebuilt as integers")
 
 
+def _check_context(unet: UNet, text_encoder: CLIPTextEncoder, source: Path) -> None:
+    """The UNet's cross-attention must read vectors as wide as the text encoder writes."""
+    if unet.config.context_dim != text_encoder.config.width:
+        raise CheckpointError(f"{source}: the UNet reads a {unet.config.context_dim}-wide text context but the text "
+                              f"encoder is {text_encoder.config.width} wide; the parts do not belong together")
+
+
 def _unknown_extras(keys: list[str], source: Path, strict: bool, report: LoadReport) -> None:
     if not keys:
         return
@@ -365,14 +453,19 @@ def _build(module: nn.Module, sd: dict[str, torch.Tensor], source: Path, name_in
 # ---- writing ------------------------------------------------------------------------------------
 
 def single_file_state_dict(model: StableDiffusion) -> dict[str, torch.Tensor]:
-    """Our three parts under their CompVis names, as in `v1-5-pruned-emaonly.safetensors`."""
+    """Our three parts under their CompVis names, as in `v1-5-pruned-emaonly.safetensors` (SD 2.x:
+    the text encoder under OpenCLIP's, as in `v2-1_768-ema-pruned.safetensors`)."""
     unet_cfg, vae_cfg = model.unet.config, model.vae.config
     u_rules = unet_rules(len(unet_cfg.channels), unet_cfg.layers_per_level, unet_cfg.attention_levels)
     v_rules = vae_rules(len(vae_cfg.block_out_channels), vae_cfg.layers_per_block)
     out = {}
+    text = model.text_encoder.state_dict()
+    if model.family.text_encoder == "openclip":  # SD 2.x: OpenCLIP's names, q/k/v fused back
+        text_part = (OPENCLIP_PREFIX, ours_to_openclip(text, model.text_encoder.config.layers))
+    else:
+        text_part = (TEXT_PREFIX, text)
     for prefix, sd in ((UNET_PREFIX, convert(model.unet.state_dict(), u_rules, "original")),
-                       (VAE_PREFIX, convert(model.vae.state_dict(), v_rules, "original")),
-                       (TEXT_PREFIX, model.text_encoder.state_dict())):
+                       (VAE_PREFIX, convert(model.vae.state_dict(), v_rules, "original")), text_part):
         out.update({prefix + k: v.detach().contiguous() for k, v in sd.items()})
     return out
 

@@ -23,6 +23,7 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14's text tower
 # The CompVis EMA copy of the UNet: "model_ema." + the UNet key under "diffusion_model." with its
 # dots removed (LitEma cannot use dotted buffer names), e.g. model_ema.diffusion_modelout2weight.
 EMA_PREFIX = "model_ema."
@@ -108,6 +109,71 @@ def vae_rules(n_levels: int, layers: int) -> list[Rule]:
         if i < n_levels - 1:
             rules.append(Rule(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{up}.upsample."))
     return rules
+
+
+# OpenCLIP's text tower (SD 2.x single files) against our CLIP-named text encoder. Keys that are
+# whole names rather than prefixes, then the renames inside each residual block.
+OPENCLIP_WHOLE_KEYS = (("embeddings.position_embedding.weight", "positional_embedding"),
+                       ("text_projection", "text_projection"), ("logit_scale", "logit_scale"))
+OPENCLIP_BLOCK = (
+    ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("self_attn.out_proj.", "attn.out_proj."),
+    ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."),
+)
+QKV = ("q_proj", "k_proj", "v_proj")  # OpenCLIP stacks them, in this order, in `attn.in_proj_*`
+
+
+def openclip_rules(layers: int) -> list[Rule]:
+    """Rules for the prefix-named parts of an OpenCLIP text tower of `layers` residual blocks."""
+    rules = [Rule("embeddings.token_embedding.", "token_embedding."), Rule("final_layer_norm.", "ln_final.")]
+    return rules + [Rule(f"encoder.layers.{i}.", f"transformer.resblocks.{i}.", OPENCLIP_BLOCK) for i in range(layers)]
+
+
+def openclip_key_is_known(key: str, layers: int) -> bool:
+    """Whether `openclip_to_ours` has a place for `key` (keys without `cond_stage_model.model.`)."""
+    if key in {original for _, original in OPENCLIP_WHOLE_KEYS} or key.endswith((".attn.in_proj_weight",
+                                                                                   ".attn.in_proj_bias")):
+        return True
+    try:
+        rename(key, openclip_rules(layers), "ours")
+        return True
+    except KeyError:
+        return False
+
+
+def openclip_to_ours(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower (keys without `cond_stage_model.model.`) in our names: the fused
+    `in_proj` of each block split into q, k and v (each a third of its rows)."""
+    whole = {original: ours for ours, original in OPENCLIP_WHOLE_KEYS}
+    out, rest = {}, {}
+    for key, tensor in sd.items():
+        if key in whole:
+            out[whole[key]] = tensor
+        elif key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
+            block, _, kind = key.rpartition(".attn.in_proj_")  # kind: "weight" or "bias"
+            ours_block = rename(block + ".", openclip_rules(layers), "ours")[0]
+            for name, part in zip(QKV, tensor.chunk(3, dim=0)):
+                out[f"{ours_block}self_attn.{name}.{kind}"] = part
+        else:
+            rest[key] = tensor
+    return out | convert(rest, openclip_rules(layers), "ours")
+
+
+def ours_to_openclip(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """The inverse of `openclip_to_ours`: q, k and v stacked back into each block's `in_proj`."""
+    whole = dict(OPENCLIP_WHOLE_KEYS)
+    out, rest = {}, {}
+    for key, tensor in sd.items():
+        head, dot, tail = key.partition(".self_attn.")
+        name, _, kind = tail.partition(".")
+        if key in whole:
+            out[whole[key]] = tensor
+        elif dot and name in QKV:
+            if name == QKV[0]:
+                block = rename(head + ".", openclip_rules(layers), "original")[0]
+                out[f"{block}attn.in_proj_{kind}"] = torch.cat([sd[f"{head}.self_attn.{n}.{kind}"] for n in QKV])
+        else:
+            rest[key] = tensor
+    return out | convert(rest, openclip_rules(layers), "original")
 
 
 def convert(sd: dict[str, torch.Tensor], rules: list[Rule], to: str) -> dict[str, torch.Tensor]:
