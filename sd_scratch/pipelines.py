@@ -143,16 +143,16 @@ def parameters_text(prompt: str, negative_prompt: str, s: GenerationSettings, si
 
 # ---- the loop -------------------------------------------------------------------------------------
 
-def denoise(model: Callable[[torch.Tensor, torch.Tensor], Prediction], sampler: Sampler, x: torch.Tensor,
+def denoise(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Prediction], sampler: Sampler, x: torch.Tensor,
             generator: torch.Generator, begin: int = 0, after_step: Callable | None = None,
             callback: Callable[[StepInfo], None] | None = None, progress: bool = True) -> torch.Tensor:
     """Run the sampler from timestep index `begin` to the end; return the final latent x_0.
-    `model(x, t)` is the model function of `guidance.py`, conditioning and guidance included;
+    `model(x, t, ᾱ_t)` is the model function of `guidance.py`, conditioning and guidance included;
     `after_step(i, x)` may change x after each step (inpainting with an ordinary UNet)."""
     indices = range(begin, len(sampler.timesteps))
     for n, i in enumerate(tqdm(indices, desc="denoising", disable=not progress, leave=False)):
         t = sampler.timesteps[i]
-        prediction = model(sampler.scale_model_input(x, i), t)
+        prediction = model(sampler.scale_model_input(x, i), t, sampler.alpha_bar_at(i).to(x))
         result = sampler.step(prediction.eps, i, x, generator=generator)
         x = result.prev_sample
         if after_step is not None:

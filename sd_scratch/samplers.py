@@ -75,6 +75,13 @@ class Sampler:
     def scale_model_input(self, x: Tensor, i: int) -> Tensor:
         return x
 
+    def alpha_bar_at(self, i: int) -> Tensor:
+        """ᾱ of the noise level at index i: what turns a v-model's output into ε (guidance.py). For
+        the samplers that step in σ, from the σ they step with (σ² = (1−ᾱ)/ᾱ; t may be fractional)."""
+        if self.sigmas is not None:
+            return 1 / (self.sigmas[i] ** 2 + 1)
+        return self.alpha_bar[self.timesteps[i]]
+
     def add_noise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
         """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε at t = timesteps[i] (`003 · 前向扩散过程`, in closed form)."""
         return add_noise(x0, noise, self.alpha_bar.to(x0)[self.timesteps[i]])

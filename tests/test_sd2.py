@@ -161,3 +161,58 @@ def test_an_sd2_depth_file_is_refused_in_words(sd2_files, tmp_path):
     with pytest.raises(ValueError, match=r"512-depth-ema\.safetensors: it is SD 2's depth-to-image model"):
         sd_scratch.load(tmp_path / "512-depth-ema.safetensors")
     assert OPENCLIP_PREFIX + "logit_scale" in sd
+
+
+# ---- the pipelines on SD 2.x: ε and v ----------------------------------------------------------
+
+from tests.reference import SD15_SCHEDULER_CONFIG  # noqa: E402
+from tests.test_pipelines import (NEGATIVE, SIZE, as_uint8, assert_close_images, make_image,  # noqa: E402
+                                  reference_uint8)
+
+SD2_SAMPLERS = ["ddim", "pndm", "euler", "euler_a", "dpmpp_2m"]
+DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+                        "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+
+
+def sd2_reference(cls_name: str, models, folder, scheduler: str, prediction_type: str):
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    # SD 2's tokenizer_config.json pads with "!", id 0, as OpenCLIP does
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", pad_token="!")
+    config = dict(SD15_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    pipe = getattr(diffusers, cls_name)(
+        vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer, unet=models["unet"],
+        scheduler=getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# PLMS on a v-model: the original SD 2 code (ldm PLMSSampler) turns each UNet output into ε at its
+# own x and t, and so does guidance.UNetCall; diffusers' PNDMScheduler converts the Adams–Bashforth
+# mix of past v's at the current step's x and ᾱ instead, a different sampler (47 levels apart here).
+PLMS_V = "diffusers' PNDM converts the multistep mix of v's, not each v (the original SD 2 PLMS converts each)"
+CASES = [pytest.param(s, p, marks=pytest.mark.skip(reason=PLMS_V)) if (s, p) == ("pndm", "v_prediction")
+         else (s, p) for s in SD2_SAMPLERS for p in ("v_prediction", "epsilon")]
+
+
+@pytest.mark.parametrize("scheduler,prediction_type", CASES)
+def test_sd2_txt2img_and_img2img_match_diffusers(sd2_files, sd2_models, scheduler, prediction_type):
+    folder = sd2_files / ("v-folder" if prediction_type == "v_prediction" else "base-folder")
+    ours = sd_scratch.load(folder)
+    assert ours.prediction_type == prediction_type
+    ref = sd2_reference("StableDiffusionPipeline", sd2_models, folder, scheduler, prediction_type)
+    images = ours.txt2img(PROMPTS, NEGATIVE, height=SIZE, width=SIZE, steps=6, seed=5, scheduler=scheduler,
+                          progress=False)
+    expected = ref(PROMPTS, negative_prompt=[NEGATIVE] * 2, height=SIZE, width=SIZE, num_inference_steps=6,
+                   generator=torch.Generator("cpu").manual_seed(5), output_type="np")
+    assert_close_images(as_uint8(images), reference_uint8(expected))
+
+    ref = sd2_reference("StableDiffusionImg2ImgPipeline", sd2_models, folder, scheduler, prediction_type)
+    image = make_image()
+    images = ours.img2img(PROMPTS[0], image, NEGATIVE, strength=0.6, steps=8, seed=11, scheduler=scheduler,
+                          progress=False)
+    expected = ref(PROMPTS[0], image=image, negative_prompt=NEGATIVE, strength=0.6, num_inference_steps=8,
+                   generator=torch.Generator("cpu").manual_seed(11), output_type="np")
+    assert_close_images(as_uint8(images), reference_uint8(expected))
