@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import pipelines
 from .checkpoints.load import BUILTIN_MODEL, load
+from .guidance import PREDICTION_TYPES
 from .noise_schedule import SPACINGS
 from .prompts import LONG_PROMPT_MODES
 from .samplers import ALIASES, DEFAULT_SPACING, SAMPLERS
@@ -43,7 +44,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=PROG, description="Stable Diffusion v1 from scratch: generate images.")
+    parser = OneLineParser(prog=PROG, description="Stable Diffusion v1 and v2 from scratch: generate images.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{txt2img,img2img,inpaint}")
     for name, text in (("txt2img", "an image from a prompt"),
                        ("img2img", "a prompt-guided variation of --image (SDEdit)"),
@@ -87,6 +88,9 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images to make (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights' precision (default: %(default)s)")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                   help="what the UNet predicts, for SD 2.x files that do not say (default: the file's .yaml or "
+                        "scheduler config, else a one-call probe)")
     p.add_argument("-o", "--output", default="out.png", metavar="PATH",
                    help="the PNG to write (default: %(default)s); with --num-images N > 1, STEM-0.png ... "
                         "STEM-{N-1}.png next to it")
@@ -130,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command != "txt2img":
         pipelines.check_strength(args.strength, args.steps)
 
-    sd = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    sd = load(args.checkpoint, device=args.device, dtype=args.dtype, prediction_type=args.prediction_type)
     if args.fast:
         sd.optimize()
     if args.low_memory:

@@ -1,11 +1,18 @@
 """SD 2.x's parts against the reference libraries on the same random weights (tiny configurations)."""
+import warnings
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import sd_scratch
 from sd_scratch.attention import attention
-from sd_scratch.checkpoints.rules import convert, original_unet_shape, unet_rules
+from sd_scratch.checkpoints.rules import OPENCLIP_PREFIX, convert, original_unet_shape, unet_rules
 from sd_scratch.unet import UNet, UNetConfig
-from tests.reference import TINY_SD2_UNET, make_unet, rel_err
+from tests.reference import (SD15_SCHEDULER, SD15_SCHEDULER_CONFIG, TINY_SD2_TEXT, TINY_SD2_UNET, TINY_VAE,
+                             make_text_encoder, make_unet, make_vae, rel_err, sd2_single_file_layout,
+                             write_diffusers_folder)
+from tests.test_pipelines import NEGATIVE, SIZE, as_uint8, assert_close_images, make_image, reference_uint8
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +63,6 @@ def test_upcast_attention_stays_finite_where_fp16_overflows():
 
 
 # ---- whole SD 2.x checkpoints, both layouts ----------------------------------------------------
-
-import warnings  # noqa: E402
-
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-import sd_scratch  # noqa: E402
-from sd_scratch.checkpoints.rules import OPENCLIP_PREFIX  # noqa: E402
-from tests.reference import (SD15_SCHEDULER, TINY_SD2_TEXT, TINY_VAE, make_text_encoder, make_vae,  # noqa: E402
-                             sd2_single_file_layout, write_diffusers_folder)
 
 PROMPTS = ["a red circle at the top left", "an astronaut riding a horse, on the moon"]
 
@@ -165,10 +163,6 @@ def test_an_sd2_depth_file_is_refused_in_words(sd2_files, tmp_path):
 
 # ---- the pipelines on SD 2.x: ε and v ----------------------------------------------------------
 
-from tests.reference import SD15_SCHEDULER_CONFIG  # noqa: E402
-from tests.test_pipelines import (NEGATIVE, SIZE, as_uint8, assert_close_images, make_image,  # noqa: E402
-                                  reference_uint8)
-
 SD2_SAMPLERS = ["ddim", "pndm", "euler", "euler_a", "dpmpp_2m"]
 DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
                         "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
@@ -216,3 +210,58 @@ def test_sd2_txt2img_and_img2img_match_diffusers(sd2_files, sd2_models, schedule
     expected = ref(PROMPTS[0], image=image, negative_prompt=NEGATIVE, strength=0.6, num_inference_steps=8,
                    generator=torch.Generator("cpu").manual_seed(11), output_type="np")
     assert_close_images(as_uint8(images), reference_uint8(expected))
+
+
+# ---- training a v-model ----------------------------------------------------------------------
+
+def test_the_v_target_is_diffusers_velocity_and_undoes_eps_from_v():
+    from diffusers import DDPMScheduler
+
+    from sd_scratch.guidance import eps_from_v
+    from sd_scratch.noise_schedule import add_noise, alpha_bars
+    from sd_scratch.training.losses import velocity
+
+    g = torch.Generator().manual_seed(7)
+    x0, eps = torch.randn(2, 3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990])
+    alpha_bar_t = alpha_bars()[t][:, None, None, None]
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert rel_err(velocity(x0, eps, alpha_bar_t), reference.get_velocity(x0, eps, t)) <= 1e-6
+    x_t = add_noise(x0, eps, alpha_bar_t)
+    assert rel_err(eps_from_v(x_t, velocity(x0, eps, alpha_bar_t), alpha_bar_t), eps) <= 1e-5
+
+
+def test_the_training_loss_takes_a_prediction_type():
+    from sd_scratch.noise_schedule import add_noise, alpha_bars
+    from sd_scratch.text_encoder import CLIPTextEncoder, TextEncoderConfig
+    from sd_scratch.training.losses import DiffusionLoss
+
+    unet = UNet(UNetConfig(channels=(32, 64), attention_levels=(True, False), layers_per_level=1, context_dim=64))
+    text = CLIPTextEncoder(TextEncoderConfig(width=64, layers=1, heads=1, mlp_width=128))
+    x0, ids = torch.randn(2, 4, 8, 8), torch.zeros(2, 77, dtype=torch.long)
+    loss = DiffusionLoss(text, unet, prediction_type="v_prediction")(x0, ids, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the loss's draws, in its order: t, then ε
+    t = torch.randint(0, 1000, (2,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    alpha_bar_t = alpha_bars()[t][:, None, None, None]
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(unet(add_noise(x0, eps, alpha_bar_t), t, text(ids)),
+                                                alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0)
+    assert rel_err(loss.detach(), expected) <= 1e-5
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionLoss(text, unet, prediction_type="x0")
+
+
+def test_the_cli_takes_a_prediction_type(sd2_files, tmp_path, capsys):
+    from PIL import Image
+
+    from sd_scratch.cli import main
+
+    out = tmp_path / "v.png"
+    assert main(["txt2img", "a red circle", "--checkpoint", str(sd2_files / "v2-1_768-ema-pruned.safetensors"),
+                 "--prediction-type", "v_prediction", "--height", "32", "--width", "32", "--steps", "2", "--quiet",
+                 "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert "Model: v2-1_768-ema-pruned" in Image.open(out).text["parameters"]
+    assert main(["txt2img", "a", "--prediction-type", "x0", "-o", str(out)]) == 2
+    assert "prediction-type" in capsys.readouterr().err

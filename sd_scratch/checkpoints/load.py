@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..guidance import PREDICTION_TYPES
 from ..stable_diffusion import StableDiffusion, as_dtype, vae_dtype_for
 from ..text_encoder import CLIP_HEAD_DIM, CLIPTextEncoder, TextEncoderConfig
 from ..tokenizer import CLIPTokenizer
@@ -52,7 +53,6 @@ EMA_SCALARS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
 # CLIP's position ids are a buffer in transformers; we rebuild them as integers 0..76. Some merged
 # checkpoints store them as floats, which would index wrongly, so the stored copy is never used.
 POSITION_IDS = "embeddings.position_ids"
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 # AUTOMATIC1111's threshold for its v-or-ε probe (modules/sd_models_config.py): mean(out − x) below it is v.
 PROBE_V_BELOW = -1.0
 # The built-in model (`weights/README.md`), shipped inside the package: what `load()` reads when

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..guidance import PREDICTION_TYPES
 from ..noise_schedule import add_noise, alpha_bars, randn_like
 from ..text_encoder import CLIPTextEncoder, TextEncoderConfig
 from ..unet import UNet, UNetConfig
@@ -150,12 +151,18 @@ def fold_latent_normalisation(vae: AutoencoderKL, images: torch.Tensor, batch: i
 # ---- stage 2: text encoder and UNet ----------------------------------------------------------------
 
 class DiffusionLoss(nn.Module):
-    """Document 003's noise-prediction loss for a UNet conditioned on a text encoder's output."""
+    """Document 003's noise-prediction loss for a UNet conditioned on a text encoder's output:
+    ‖ε_θ(x_t, t, c) − ε‖², or with prediction_type "v_prediction" (SD 2.x's 768-v) ‖v_θ − v‖² with
+    the target v = √ᾱ_t ε − √(1−ᾱ_t) x₀ (Salimans & Ho 2022)."""
 
-    def __init__(self, text_encoder: CLIPTextEncoder, unet: UNet, schedule: str = "scaled_linear"):
+    def __init__(self, text_encoder: CLIPTextEncoder, unet: UNet, schedule: str = "scaled_linear",
+                 prediction_type: str = "epsilon"):
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.text_encoder = text_encoder
         self.unet = unet
+        self.prediction_type = prediction_type
         self.register_buffer("alpha_bar", alpha_bars(schedule), persistent=False)  # ᾱ_t, t = 0…999
 
     def forward(self, x0: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -166,8 +173,14 @@ class DiffusionLoss(nn.Module):
         eps = randn_like(x0, generator)
         alpha_bar_t = self.alpha_bar[t].to(x0.dtype)[:, None, None, None]
         x_t = add_noise(x0, eps, alpha_bar_t)  # the forward process, noise_schedule.py
-        eps_pred = self.unet(x_t, t, self.text_encoder(ids))
-        return F.mse_loss(eps_pred, eps)
+        prediction = self.unet(x_t, t, self.text_encoder(ids))
+        target = eps if self.prediction_type == "epsilon" else velocity(x0, eps, alpha_bar_t)
+        return F.mse_loss(prediction, target)
+
+
+def velocity(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """v = √ᾱ_t ε − √(1−ᾱ_t) x₀, what a v-model is trained to predict."""
+    return alpha_bar_t**0.5 * eps - (1 - alpha_bar_t) ** 0.5 * x0
 
 
 def drop_captions(ids: torch.Tensor, empty_ids: torch.Tensor, p: float = CAPTION_DROP,
