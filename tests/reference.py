@@ -67,6 +67,13 @@ TINY_SD2_TEXT = dict(TINY_TEXT, hidden_act="gelu", pad_token_id=0)
 
 # Parameter counts of the real SD v1.5 components (checked against the reference classes).
 SD15_PARAMETERS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+# SD 2.x at its real sizes (the 2.1 release's unet/config.json and text_encoder/config.json): the UNet
+# with 64-wide heads, Linear projections and a 1024-wide context; OpenCLIP's tower as 23 CLIP layers.
+SD2_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+                upcast_attention=True)
+SD2_TEXT = dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                hidden_act="gelu", pad_token_id=0)
+SD2_PARAMETERS = {"unet": 865_910_724, "text_encoder": 340_387_840}
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -198,9 +205,9 @@ def sd2_single_file_layout(models: dict, seed: int = 3) -> dict[str, torch.Tenso
             text[k.replace("encoder.layers.0.", f"encoder.layers.{n}.")] = torch.randn(t.shape, generator=g) * 0.02
     text["text_projection"] = torch.randn(width, width, generator=g)
     text["logit_scale"] = torch.tensor(4.6052)
-    sd |= {OPENCLIP_PREFIX + k: t for k, t in ours_to_openclip(text, n + 1).items()}
+    sd |= {OPENCLIP_PREFIX + k: t.clone() for k, t in ours_to_openclip(text, n + 1).items()}  # copies, as above
     assert not any(k.startswith(TEXT_PREFIX) for k in sd)
-    return {k: t.clone() for k, t in sd.items()}
+    return sd
 
 
 def write_diffusers_folder(models: dict, folder: Path, variant: str | None = None,

@@ -265,3 +265,31 @@ def test_the_cli_takes_a_prediction_type(sd2_files, tmp_path, capsys):
     assert "Model: v2-1_768-ema-pruned" in Image.open(out).text["parameters"]
     assert main(["txt2img", "a", "--prediction-type", "x0", "-o", str(out)]) == 2
     assert "prediction-type" in capsys.readouterr().err
+
+
+# ---- full SD 2.x sizes -------------------------------------------------------------------------
+
+@pytest.mark.full_size
+def test_full_size_sd2_single_file_loads_and_matches_the_references():
+    """At the real SD 2.x sizes: the official parameter counts, and each part's output equal to the
+    reference's, through the single-file layout (24 OpenCLIP blocks, 23 read)."""
+    from sd_scratch.checkpoints.load import from_single_file_state_dict
+    from tests.reference import SD2_PARAMETERS, SD2_TEXT, SD2_UNET, SD15_VAE
+
+    models = {"unet": make_unet(SD2_UNET), "vae": make_vae(SD15_VAE), "text_encoder": make_text_encoder(SD2_TEXT)}
+    assert sum(p.numel() for p in models["unet"].parameters()) == SD2_PARAMETERS["unet"]
+    assert sum(p.numel() for p in models["text_encoder"].parameters()) == SD2_PARAMETERS["text_encoder"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing unexpected, nothing non-finite
+        model = from_single_file_state_dict(sd2_single_file_layout(models), prediction_type="v_prediction")
+    assert (model.family.name, model.native_resolution) == ("sd2-v", 768)
+    assert sum(p.numel() for p in model.unet.parameters()) == SD2_PARAMETERS["unet"]
+    read = [p for name, p in model.text_encoder.named_parameters()
+            if not name.startswith(("encoder.layers.23.", "text_projection", "logit_scale"))]
+    assert sum(p.numel() for p in read) == SD2_PARAMETERS["text_encoder"]
+    ids = model.tokenizer(PROMPTS)
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 1]), torch.randn(2, 77, 1024, generator=g)
+    with torch.no_grad():
+        assert rel_err(model.text_encoder(ids), models["text_encoder"](ids).last_hidden_state) <= 1e-4
+        assert rel_err(model.unet(x, t, context), models["unet"](x, t, context).sample) <= 1e-4
