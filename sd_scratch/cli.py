@@ -82,6 +82,12 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help=f"which timesteps the sampler visits (default: the sampler's own, as in diffusers: {defaults})")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's η: 0 deterministic, 1 like DDPM (default: %(default)s)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="rescale the guided prediction towards the conditional one's spread, in [0, 1] (Lin et al. "
+                        "2023 use 0.7; default: %(default)s)")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="the schedule rescaled so the last timestep is pure noise, for v-models trained that way "
+                        "(use with --spacing trailing)")
     p.add_argument("--clip-skip", type=int, default=0, help="skip the last N text encoder layers (default: %(default)s)")
     p.add_argument("--long-prompts", choices=LONG_PROMPT_MODES, default="truncate",
                    help="over 75 tokens: truncate (with a warning) or encode in chunks of 75 (default: %(default)s)")
@@ -126,6 +132,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: seed {seed}", file=sys.stderr)
     settings = dict(steps=args.steps, guidance_scale=args.guidance, seed=seed, scheduler=args.scheduler,
                     num_images=args.num_images, eta=args.eta, karras=args.karras, spacing=args.spacing,
+                    guidance_rescale=args.guidance_rescale, zero_terminal_snr=args.zero_terminal_snr,
                     clip_skip=args.clip_skip, long_prompts=args.long_prompts)
     _check_device(args.device)
     # Everything but the image size is checked before the (slow) load; height and width must divide

@@ -5,17 +5,21 @@ The loop (`pipelines.denoise`) knows nothing of prompts, masks, guidance or what
 predicts: it asks for ε at (x, t) and gives the step's ᾱ_t. What the UNet is conditioned on is
 decided when the function is built, one layer a kind:
 
-    eps_of = UNetCall(unet, prediction_type)                  (x, t, ᾱ_t, context) -> ε (v converted)
-    eps_of = ConcatCondition(eps_of, mask_and_masked_latent)  the 9-channel inpainting UNet
-    model  = ClassifierFreeGuidance(eps_of, cond, uncond, w)  (x, t, ᾱ_t) -> Prediction
-          or Unguided(eps_of, cond)
+    out_of = UNetCall(unet)                                   (x, t, context) -> the UNet's output
+    out_of = ConcatCondition(out_of, mask_and_masked_latent)  the 9-channel inpainting UNet
+    guided = ClassifierFreeGuidance(out_of, cond, uncond, w)  (x, t) -> Prediction
+          or Unguided(out_of, cond)
+    model  = AsEpsilon(guided, prediction_type)               (x, t, ᾱ_t) -> Prediction in ε
+
+Classifier-free guidance (`003`/`004 · CFG 值`, Ho & Salimans 2022): one UNet call on the batch
+[x; x] with the contexts [uncond; cond], then out = out_uncond + w·(out_cond − out_uncond),
+optionally rescaled towards out_cond's spread (Lin et al. 2023, §3.4, "guidance rescale").
 
 v-prediction (SD 2.x 768-v; Salimans & Ho 2022): the UNet predicts v = √ᾱ ε − √(1−ᾱ) x₀ instead of
 ε; `eps_from_v` turns it into ε̂ = √(1−ᾱ) x_t + √ᾱ v, so every sampler, img2img, inpainting and
-the per-step callback (whose x̂₀ follows from ε̂) work unchanged.
-
-Classifier-free guidance (`003`/`004 · CFG 值`, Ho & Salimans 2022): one UNet call on the batch
-[x; x] with the contexts [uncond; cond], then ε = ε_uncond + w·(ε_cond − ε_uncond).
+the per-step callback (whose x̂₀ follows from ε̂) work unchanged. Guidance acts on the UNet's own
+output, as in diffusers and the original code; for plain CFG, which is linear, the order does not
+matter, for the rescale it does.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ from torch import Tensor
 from .unet import UNet
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-# (x, t, ᾱ_t, context) -> ε: what each inner layer takes and gives.
-EpsFunction = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+# (x, t, context) -> the UNet's output: what each inner layer takes and gives.
+OutputFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def eps_from_v(x_t: Tensor, v: Tensor, alpha_bar_t: Tensor) -> Tensor:
@@ -45,19 +49,17 @@ class Prediction:
     eps: Tensor  # the ε the sampler steps with (guided, if guidance is on)
     eps_cond: Tensor  # the UNet's ε given the prompt
     eps_uncond: Tensor | None  # ε given the negative prompt (None without guidance)
+    x0: Tensor | None = None  # x̂₀ where the model gives its own (a v-model: finite even where ᾱ = 0)
 
 
 class UNetCall:
-    """The innermost layer: ε from the UNet, a v-model's output converted here, once, for every sampler."""
+    """The innermost layer: the UNet's output (ε or v, as the model was trained)."""
 
-    def __init__(self, unet: UNet, prediction_type: str = "epsilon"):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        self.unet, self.v = unet, prediction_type == "v_prediction"
+    def __init__(self, unet: UNet):
+        self.unet = unet
 
-    def __call__(self, x: Tensor, t: Tensor, alpha_bar_t: Tensor, context: Tensor) -> Tensor:
-        out = self.unet(x, t, context)
-        return eps_from_v(x[:, : out.shape[1]], out, alpha_bar_t) if self.v else out  # the latent's channels
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        return self.unet(x, t, context)
 
 
 class ConcatCondition:
@@ -65,32 +67,61 @@ class ConcatCondition:
     (1 channel) and the masked image's latent (4). `condition` is (B, c, h, w) for B images; a
     batch of k·B (the guidance halves) gets it k times."""
 
-    def __init__(self, inner: EpsFunction, condition: Tensor):
+    def __init__(self, inner: OutputFunction, condition: Tensor):
         self.inner, self.condition = inner, condition
 
-    def __call__(self, x: Tensor, t: Tensor, alpha_bar_t: Tensor, context: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         repeats = x.shape[0] // self.condition.shape[0]
-        x = torch.cat([x, self.condition.repeat(repeats, 1, 1, 1)], dim=1)  # (B, 4 + c, h, w)
-        return self.inner(x, t, alpha_bar_t, context)
+        return self.inner(torch.cat([x, self.condition.repeat(repeats, 1, 1, 1)], dim=1), t, context)  # (B, 4 + c, h, w)
 
 
 class Unguided:
-    """ε given the prompt alone (guidance scale ≤ 1)."""
+    """The output given the prompt alone (guidance scale ≤ 1)."""
 
-    def __init__(self, inner: EpsFunction, cond: Tensor):
+    def __init__(self, inner: OutputFunction, cond: Tensor):
         self.inner, self.cond = inner, cond
 
-    def __call__(self, x: Tensor, t: Tensor, alpha_bar_t: Tensor) -> Prediction:
-        eps = self.inner(x, t, alpha_bar_t, self.cond)
-        return Prediction(eps, eps, None)
+    def __call__(self, x: Tensor, t: Tensor) -> Prediction:
+        out = self.inner(x, t, self.cond)
+        return Prediction(out, out, None)
+
+
+def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
+    """Lin et al. 2023 eq. 15–16: scale the guided output to the conditional one's standard deviation
+    (per image), then mix: φ·rescaled + (1 − φ)·guided. φ = 0 is plain CFG; the paper uses 0.7."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
 
 
 class ClassifierFreeGuidance:
-    """ε = ε_uncond + w·(ε_cond − ε_uncond), both from one UNet call on [x; x] with [uncond; cond]."""
+    """out = out_uncond + w·(out_cond − out_uncond), both from one UNet call on [x; x] with
+    [uncond; cond]; with `rescale` φ > 0, then `rescale_guidance`."""
 
-    def __init__(self, inner: EpsFunction, cond: Tensor, uncond: Tensor, scale: float):
-        self.inner, self.context, self.scale = inner, torch.cat([uncond, cond]), scale  # (2B, T, C)
+    def __init__(self, inner: OutputFunction, cond: Tensor, uncond: Tensor, scale: float, rescale: float = 0.0):
+        self.inner, self.context = inner, torch.cat([uncond, cond])  # (2B, T, C)
+        self.scale, self.rescale = scale, rescale
+
+    def __call__(self, x: Tensor, t: Tensor) -> Prediction:
+        out_uncond, out_cond = self.inner(torch.cat([x, x]), t, self.context).chunk(2)  # each (B, 4, h, w)
+        guided = out_uncond + self.scale * (out_cond - out_uncond)
+        if self.rescale:
+            guided = rescale_guidance(guided, out_cond, self.rescale)
+        return Prediction(guided, out_cond, out_uncond)
+
+
+class AsEpsilon:
+    """The outermost layer: the prediction in ε, whatever the UNet predicts (v converted at the step's ᾱ)."""
+
+    def __init__(self, inner: Callable[[Tensor, Tensor], Prediction], prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.inner, self.v = inner, prediction_type == "v_prediction"
 
     def __call__(self, x: Tensor, t: Tensor, alpha_bar_t: Tensor) -> Prediction:
-        eps_uncond, eps_cond = self.inner(torch.cat([x, x]), t, alpha_bar_t, self.context).chunk(2)  # each (B, 4, h, w)
-        return Prediction(eps_uncond + self.scale * (eps_cond - eps_uncond), eps_cond, eps_uncond)
+        p = self.inner(x, t)
+        if not self.v:
+            return p
+        uncond = None if p.eps_uncond is None else eps_from_v(x, p.eps_uncond, alpha_bar_t)
+        x0 = alpha_bar_t**0.5 * x - (1 - alpha_bar_t) ** 0.5 * p.eps  # x̂₀ = √ᾱ x_t − √(1−ᾱ) v
+        return Prediction(eps_from_v(x, p.eps, alpha_bar_t), eps_from_v(x, p.eps_cond, alpha_bar_t), uncond, x0)

@@ -27,6 +27,7 @@ STEPS_OFFSET = 1
 COSINE_S, MAX_BETA = 0.008, 0.999  # Nichol & Dhariwal 2021 eq. 17: the offset s, and β's cap
 KARRAS_RHO = 7.0  # Karras et al. 2022 eq. 5
 SCHEDULES = ("scaled_linear", "linear", "cosine")
+ZERO_SNR_SIGMA_ALPHA_BAR = 2.0**-24  # ᾱ_999 for σ-stepping samplers under a zero terminal SNR (diffusers')
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -51,9 +52,21 @@ def betas_for(schedule: str = "scaled_linear", n: int = TRAIN_STEPS,
     raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
 
 
-def alpha_bars(schedule: str = "scaled_linear") -> Tensor:
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2023, Algorithm 1: shift √ᾱ so that its last value is 0 (the last timestep is pure
+    noise, as sampling assumes) and scale it so that its first is unchanged; back to β's, computed
+    as diffusers computes it."""
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar**2
+    return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+
+
+def alpha_bars(schedule: str = "scaled_linear", zero_terminal_snr: bool = False) -> Tensor:
     """ᾱ_t = ∏_{s≤t} (1 − β_s) for t = 0 … 999: the share of the clean signal's variance left at t."""
-    return torch.cumprod(1.0 - betas_for(schedule), dim=0)
+    betas = betas_for(schedule)
+    return torch.cumprod(1.0 - (rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas), dim=0)
 
 
 def add_noise(x0: Tensor, noise: Tensor, alpha_bar_t: Tensor) -> Tensor:
@@ -144,7 +157,7 @@ class Schedule:
 
 
 def schedule_for(sampler: str, steps: int, spacing: str, karras: bool = False,
-                 schedule: str = "scaled_linear") -> Schedule:
+                 schedule: str = "scaled_linear", zero_terminal_snr: bool = False) -> Schedule:
     """The timesteps and σ's that diffusers' scheduler for `sampler` visits, bit for bit.
 
     Everything below that is not the papers' math is here for parity with diffusers, so that the
@@ -164,8 +177,12 @@ def schedule_for(sampler: str, steps: int, spacing: str, karras: bool = False,
     * init_noise_sigma: √(σ_max²+1) (the std of x at σ_max for a unit-variance clean latent) for
       "leading", plain σ_max for "trailing" and "linspace", as diffusers' Euler samplers assume.
     * A timestep outside 0..999 (leading's 1000 at 1000 steps) takes the end σ, as np.interp does.
+    * With a zero terminal SNR, the samplers that step in σ take ᾱ_999 = 2⁻²⁴ instead of 0, so
+      that σ_max is finite (≈ 4096).
     """
-    alpha_bar = alpha_bars(schedule)
+    alpha_bar = alpha_bars(schedule, zero_terminal_snr)
+    if zero_terminal_snr and sampler in ("euler", "euler_a", "dpmpp_2m"):
+        alpha_bar[-1] = ZERO_SNR_SIGMA_ALPHA_BAR
     if sampler in ("ddpm", "ddim", "pndm"):
         timesteps = spaced_timesteps(steps, spacing)
         if spacing == "linspace":

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .guidance import ClassifierFreeGuidance, ConcatCondition, UNetCall, Unguided
+from .guidance import AsEpsilon, ClassifierFreeGuidance, ConcatCondition, UNetCall, Unguided
 from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
 from .noise_schedule import SPACINGS, draw_noise
 from .prompts import LONG_PROMPT_MODES, as_prompt_list, encode_prompts
@@ -77,6 +77,8 @@ class GenerationSettings:
     eta: float = 0.0
     karras: bool = False
     spacing: str | None = None  # the timestep spacing; None: the sampler's own default (DEFAULT_SPACING)
+    guidance_rescale: float = 0.0  # φ of Lin et al. 2023's guidance rescale (0: plain CFG; they use 0.7)
+    zero_terminal_snr: bool = False  # the schedule rescaled so that ᾱ_999 = 0 (Lin et al. 2023; v-models only)
     clip_skip: int = 0
     long_prompts: str = "truncate"
 
@@ -101,6 +103,8 @@ class GenerationSettings:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)} or None, got {self.spacing!r}")
         if not self.eta >= 0:
             raise ValueError(f"eta must be ≥ 0, got {self.eta!r}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}")
         if self.long_prompts not in LONG_PROMPT_MODES:
             raise ValueError(f"long_prompts must be one of {LONG_PROMPT_MODES}, got {self.long_prompts!r}")
         if self.seed is not None and not isinstance(self.seed, int):
@@ -114,7 +118,8 @@ class GenerationSettings:
         return self.guidance_scale > 1.0
 
     def sampler(self) -> Sampler:
-        return make_sampler(self.scheduler, self.steps, spacing=self.spacing, karras=self.karras, eta=self.eta)
+        return make_sampler(self.scheduler, self.steps, spacing=self.spacing, karras=self.karras, eta=self.eta,
+                            zero_terminal_snr=self.zero_terminal_snr)
 
 
 def parameters_text(prompt: str, negative_prompt: str, s: GenerationSettings, size: tuple[int, int], model: str,
@@ -136,6 +141,10 @@ def parameters_text(prompt: str, negative_prompt: str, s: GenerationSettings, si
         fields["Eta"] = s.eta
     if s.spacing is not None and s.spacing != DEFAULT_SPACING[name]:
         fields["Timestep spacing"] = s.spacing
+    if s.guidance_rescale:
+        fields["CFG rescale"] = s.guidance_rescale
+    if s.zero_terminal_snr:
+        fields["Zero terminal SNR"] = True
     lines = [prompt, f"Negative prompt: {negative_prompt}" if negative_prompt else None,
              ", ".join(f"{key}: {value}" for key, value in fields.items())]
     return "\n".join(line for line in lines if line is not None)
@@ -153,7 +162,7 @@ def denoise(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Predicti
     for n, i in enumerate(tqdm(indices, desc="denoising", disable=not progress, leave=False)):
         t = sampler.timesteps[i]
         prediction = model(sampler.scale_model_input(x, i), t, sampler.alpha_bar_at(i).to(x))
-        result = sampler.step(prediction.eps, i, x, generator=generator)
+        result = sampler.step(prediction.eps, i, x, generator=generator, x0=prediction.x0)
         x = result.prev_sample
         if after_step is not None:
             x = after_step(i, x)
@@ -205,13 +214,15 @@ def _start(sd: StableDiffusion, prompt, negative_prompt, s: GenerationSettings, 
 
 def _model(sd: StableDiffusion, run: _Run, s: GenerationSettings, condition: torch.Tensor | None = None):
     """The model function of `guidance.py` for this run: the UNet call, the concat condition if
-    any, then classifier-free guidance or none."""
-    eps_of = UNetCall(sd.unet, sd.prediction_type)
+    any, classifier-free guidance or none, and the output as ε."""
+    out_of = UNetCall(sd.unet)
     if condition is not None:
-        eps_of = ConcatCondition(eps_of, condition)
+        out_of = ConcatCondition(out_of, condition)
     if s.guided:
-        return ClassifierFreeGuidance(eps_of, run.cond, run.uncond, s.guidance_scale)
-    return Unguided(eps_of, run.cond)
+        guided = ClassifierFreeGuidance(out_of, run.cond, run.uncond, s.guidance_scale, s.guidance_rescale)
+    else:
+        guided = Unguided(out_of, run.cond)
+    return AsEpsilon(guided, sd.prediction_type)
 
 
 def _finish(sd: StableDiffusion, x: torch.Tensor, run: _Run, s: GenerationSettings,

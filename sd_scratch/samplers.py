@@ -86,7 +86,11 @@ class Sampler:
         """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε at t = timesteps[i] (`003 · 前向扩散过程`, in closed form)."""
         return add_noise(x0, noise, self.alpha_bar.to(x0)[self.timesteps[i]])
 
-    def step(self, eps: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None) -> StepResult:
+    def step(self, eps: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None,
+             x0: Tensor | None = None) -> StepResult:
+        """Move x from timesteps[i] to the next entry, given the model's ε at x. `x0`: the model's x̂₀
+        when it has its own (a v-model's, finite even where ᾱ = 0 and x̂₀ from ε is not); without
+        it x̂₀ follows from ε. PLMS steps with ε alone."""
         raise NotImplementedError
 
 
@@ -96,7 +100,7 @@ def x0_from_eps(x: Tensor, eps: Tensor, alpha_bar_t: Tensor) -> Tensor:
 
 
 class DDPM(Sampler):
-    def step(self, eps, i, x, generator=None):
+    def step(self, eps, i, x, generator=None, x0=None):
         """Ancestral sampling: DDPM (Ho et al. 2020) eq. 6-7, Algorithm 2, over a strided list.
 
         For the jump t → t' (the next entry; ᾱ_t' = 1 after the last), α_t = ᾱ_t/ᾱ_t', β_t = 1 − α_t:
@@ -110,7 +114,7 @@ class DDPM(Sampler):
         alpha_bar_prev = torch.tensor(1.0) if is_last else self.alpha_bar[self.timesteps[i + 1]]
         alpha_t = alpha_bar_t / alpha_bar_prev
         beta_t = 1 - alpha_t
-        x0_pred = x0_from_eps(x, eps, alpha_bar_t)
+        x0_pred = x0_from_eps(x, eps, alpha_bar_t) if x0 is None else x0
         x_prev = (alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)) * x0_pred + (
             alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x
         if t > 0:
@@ -136,14 +140,14 @@ class DDIM(_StridedSampler):
         super().__init__(schedule, steps)
         self.eta = eta
 
-    def step(self, eps, i, x, generator=None):
+    def step(self, eps, i, x, generator=None, x0=None):
         """DDIM (Song et al. 2021) eq. 12, σ_t(η) of eq. 16 (η = 0: deterministic; η = 1: DDPM-like).
 
             x_t' = √ᾱ_t' x̂₀ + √(1 − ᾱ_t' − σ_t²) ε + σ_t ε',  σ_t = η √((1−ᾱ_t')/(1−ᾱ_t) · (1 − ᾱ_t/ᾱ_t'))
         """
         t = int(self.timesteps[i])
         alpha_bar_t, alpha_bar_prev = self.alpha_bars(t, t - self.stride)
-        x0_pred = x0_from_eps(x, eps, alpha_bar_t)
+        x0_pred = x0_from_eps(x, eps, alpha_bar_t) if x0 is None else x0
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
         sigma_t = self.eta * variance**0.5
         x_prev = alpha_bar_prev**0.5 * x0_pred + (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps
@@ -170,7 +174,7 @@ class PNDM(_StridedSampler):
         self.eps_history: list[Tensor] = []  # the last ε's, newest last (Adams–Bashforth's inputs)
         self.x_first: Tensor | None = None  # x before the first step, which is taken twice
 
-    def step(self, eps, i, x, generator=None):
+    def step(self, eps, i, x, generator=None, x0=None):
         """PLMS, the linear multistep half of PNDM (Liu et al. 2022): eq. 12's ε', then eq. 9's transfer
 
             x_t' = √(ᾱ_t'/ᾱ_t) x_t − (ᾱ_t' − ᾱ_t) ε' / (ᾱ_t √(1−ᾱ_t') + √(ᾱ_t (1−ᾱ_t) ᾱ_t'))
@@ -206,20 +210,20 @@ class _SigmaSampler(Sampler):
 
 
 class Euler(_SigmaSampler):
-    def step(self, eps, i, x, generator=None):
+    def step(self, eps, i, x, generator=None, x0=None):
         """Euler's method on dx/dσ = (x − x̂₀)/σ: Karras et al. 2022 Algorithm 2 without churn (γ = 0)."""
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        x0_pred = x - sigma * eps
+        x0_pred = x - sigma * eps if x0 is None else x0
         d = (x - x0_pred) / sigma
         return StepResult(x + d * (sigma_next - sigma), x0_pred)
 
 
 class EulerAncestral(_SigmaSampler):
-    def step(self, eps, i, x, generator=None):
+    def step(self, eps, i, x, generator=None, x0=None):
         """k-diffusion's sample_euler_ancestral (η = 1): an Euler step down to σ_down, then fresh noise
         of std σ_up, where σ_up² = σ_next² (σ² − σ_next²)/σ² and σ_down² + σ_up² = σ_next²."""
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        x0_pred = x - sigma * eps
+        x0_pred = x - sigma * eps if x0 is None else x0
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         d = (x - x0_pred) / sigma
@@ -246,7 +250,7 @@ class DPMSolverPP2M(Sampler):
         alpha, sigma_t, _ = alpha_sigma_lambda(self.sigmas.to(x0)[i])
         return alpha * x0 + sigma_t * noise
 
-    def step(self, eps, i, x, generator=None):
+    def step(self, eps, i, x, generator=None, x0=None):
         """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: from level s = sigmas[i] to t = sigmas[i+1],
 
             h = λ_t − λ_s,  x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) (x̂₀ + (x̂₀ − x̂₀_prev)/(2r)),  r = h_prev/h
@@ -254,7 +258,7 @@ class DPMSolverPP2M(Sampler):
         """
         alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(self.sigmas[i])
         alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[i + 1])
-        x0_pred = (x - sigma_s * eps) / alpha_s
+        x0_pred = (x - sigma_s * eps) / alpha_s if x0 is None else x0
         h = lambda_t - lambda_s
         x_next = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0_pred
         if self.begin < i < len(self.timesteps) - 1:
@@ -265,11 +269,13 @@ class DPMSolverPP2M(Sampler):
 
 
 def make_sampler(name: str, steps: int, *, schedule: str = "scaled_linear", spacing: str | None = None,
-                 karras: bool = False, eta: float = 0.0) -> Sampler:
+                 karras: bool = False, eta: float = 0.0, zero_terminal_snr: bool = False) -> Sampler:
     """The sampler `name` over `steps` steps, its schedule equal to diffusers' for SD v1.5's config.
 
     spacing: "leading", "trailing" or "linspace"; None takes the sampler's DEFAULT_SPACING.
     karras: σ's spaced by Karras et al. 2022 eq. 5 (sigma samplers only). eta: DDIM's η.
+    zero_terminal_snr: the schedule rescaled so that t = 999 is pure noise (Lin et al. 2023), for
+        v-models trained that way; use it with spacing="trailing", which visits t = 999.
     """
     name = sampler_name(name)
     if not isinstance(steps, int) or not 1 <= steps <= TRAIN_STEPS:
@@ -282,7 +288,7 @@ def make_sampler(name: str, steps: int, *, schedule: str = "scaled_linear", spac
     if eta and name != "ddim":
         raise ValueError(f"eta is DDIM's; {name} has none")
 
-    plan = schedule_for(name, steps, spacing, karras, schedule)
+    plan = schedule_for(name, steps, spacing, karras, schedule, zero_terminal_snr)
     if name == "ddpm":
         return DDPM(plan)
     if name == "ddim":

@@ -1,6 +1,7 @@
 """SD 2.x's parts against the reference libraries on the same random weights (tiny configurations)."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -293,3 +294,56 @@ def test_full_size_sd2_single_file_loads_and_matches_the_references():
     with torch.no_grad():
         assert rel_err(model.text_encoder(ids), models["text_encoder"](ids).last_hidden_state) <= 1e-4
         assert rel_err(model.unet(x, t, context), models["unet"](x, t, context).sample) <= 1e-4
+
+
+# ---- beyond stock 2.x: zero terminal SNR, trailing spacing, guidance rescale ------------------
+
+ZERO_SNR_SAMPLERS = ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m"]  # diffusers' classes with the option
+
+
+@pytest.mark.parametrize("name", ZERO_SNR_SAMPLERS)
+@pytest.mark.parametrize("steps", (1, 7, 25, 50))
+def test_zero_terminal_snr_schedules_equal_diffusers(name, steps):
+    import diffusers
+
+    from sd_scratch.samplers import SIGMA_SAMPLERS, make_sampler
+
+    cls = {"ddpm": "DDPMScheduler", **DIFFUSERS_SCHEDULERS}[name]
+    ref = getattr(diffusers, cls).from_config(dict(SD15_SCHEDULER_CONFIG, rescale_betas_zero_snr=True,
+                                                   timestep_spacing="trailing"))
+    ref.set_timesteps(steps)
+    ours = make_sampler(name, steps, spacing="trailing", zero_terminal_snr=True)
+    assert torch.equal(ours.alpha_bar, ref.alphas_cumprod)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    if name in SIGMA_SAMPLERS:
+        assert torch.equal(ours.sigmas, ref.sigmas)
+        assert ours.init_noise_sigma == float(ref.init_noise_sigma)
+    if name in ("ddpm", "ddim"):
+        assert ours.alpha_bar[999] == 0 and ours.timesteps[0] == 999  # the first step is pure noise
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
+def test_zero_snr_trailing_and_guidance_rescale_match_diffusers(sd2_files, sd2_models, scheduler):
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    folder = sd2_files / "v-folder"
+    ours = sd_scratch.load(folder)
+    config = dict(SD15_SCHEDULER_CONFIG, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                  timestep_spacing="trailing")
+    ref = diffusers.StableDiffusionPipeline(
+        vae=sd2_models["vae"], text_encoder=sd2_models["text_encoder"],
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", pad_token="!"), unet=sd2_models["unet"],
+        scheduler=getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    images = ours.txt2img(PROMPTS, NEGATIVE, height=SIZE, width=SIZE, steps=6, seed=3, scheduler=scheduler,
+                          spacing="trailing", zero_terminal_snr=True, guidance_rescale=0.7, progress=False)
+    expected = ref(PROMPTS, negative_prompt=[NEGATIVE] * 2, height=SIZE, width=SIZE, num_inference_steps=6,
+                   guidance_rescale=0.7, generator=torch.Generator("cpu").manual_seed(3), output_type="np")
+    assert_close_images(as_uint8(images), reference_uint8(expected))
+    plain = ours.txt2img(PROMPTS, NEGATIVE, height=SIZE, width=SIZE, steps=6, seed=3, scheduler=scheduler,
+                         spacing="trailing", zero_terminal_snr=True, progress=False)
+    assert np.abs(as_uint8(plain) - reference_uint8(expected)).max() > 2  # the rescale is seen, not lost
+    fields = images[0].info["parameters"]
+    assert "CFG rescale: 0.7" in fields and "Zero terminal SNR: True" in fields and "Timestep spacing: trailing" in fields
