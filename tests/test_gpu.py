@@ -128,3 +128,25 @@ def test_tiled_decoding_on_the_gpu_is_exact_and_smaller(fp32):
         peaks.append(torch.cuda.max_memory_allocated())
     assert rel_err(images[1], images[0]) <= FP32_TOLERANCE
     assert peaks[1] < peaks[0]
+
+
+@torch.no_grad()
+def test_sd2_768_v_in_fp16_draws_without_nan_and_stays_near_fp32():
+    """SD 2.x's 768-v at its real sizes in fp16: the upcast attention keeps q·kᵀ in fp32, so a 768×768
+    image has no NaN, and the fp16 UNet stays within the fp16 bar of the fp32 one."""
+    from tests.reference import SD2_TEXT, SD2_UNET, SD15_VAE, make_text_encoder, make_unet, make_vae, \
+        sd2_single_file_layout
+
+    sd2 = {"unet": make_unet(SD2_UNET), "vae": make_vae(SD15_VAE), "text_encoder": make_text_encoder(SD2_TEXT)}
+    weights = sd2_single_file_layout(sd2)
+    del sd2
+    half = from_single_file_state_dict(weights, device=CUDA, dtype=torch.float16, prediction_type="v_prediction")
+    assert half.native_resolution == 768 and half.unet.config.upcast_attention
+    (image,) = half.txt2img(PROMPT, steps=2, progress=False)  # 768×768, its native size; NaN would raise
+    assert image.size == (768, 768)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 96, 96, generator=g), torch.randn(2, 77, 1024, generator=g)
+    eps16 = half.unet(x.to(CUDA, torch.float16), 999, context.to(CUDA, torch.float16)).float()
+    del half
+    full = from_single_file_state_dict(weights, device=CUDA, prediction_type="v_prediction")
+    assert rel_err(eps16, full.unet(x.to(CUDA), 999, context.to(CUDA))) <= FP16_TOLERANCE

@@ -132,6 +132,21 @@ def test_diffusers_reads_our_openclip_layout_back(sd2_files, sd2_models):
     assert all(torch.equal(converted[k], expected[k]) for k in shared)
 
 
+def test_save_single_file_from_an_sd2_folder_is_read_back_by_diffusers_converters(sd2_files, sd2_models, tmp_path):
+    """An SD 2.x folder written as a single file by us: diffusers' own converters read every UNet and
+    text-encoder tensor back bit-equal (the folder has 23 blocks, so the file has them all)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+
+    sd_scratch.save_single_file(sd_scratch.load(sd2_files / "v-folder"), tmp_path / "from-folder.safetensors")
+    checkpoint = load_file(tmp_path / "from-folder.safetensors")
+    unet = convert_ldm_unet_checkpoint(checkpoint, dict(sd2_models["unet"].config))
+    text = convert_open_clip_checkpoint(sd2_models["text_encoder"], checkpoint)
+    for part, converted in (("unet", unet), ("text_encoder", text)):
+        ref = {k: v for k, v in sd2_models[part].state_dict().items() if not k.endswith("position_ids")}
+        assert set(ref) <= set(converted), part
+        assert all(torch.equal(converted[k], ref[k]) for k in ref), part
+
+
 def test_a_yaml_beside_the_file_says_v(sd2_files, tmp_path):
     path = tmp_path / "v2-1_768-ema-pruned.safetensors"
     path.write_bytes((sd2_files / path.name).read_bytes())
@@ -347,3 +362,19 @@ def test_zero_snr_trailing_and_guidance_rescale_match_diffusers(sd2_files, sd2_m
     assert np.abs(as_uint8(plain) - reference_uint8(expected)).max() > 2  # the rescale is seen, not lost
     fields = images[0].info["parameters"]
     assert "CFG rescale: 0.7" in fields and "Zero terminal SNR: True" in fields and "Timestep spacing: trailing" in fields
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_sd2_inpainting_matches_diffusers(sd2_models, tmp_path, scheduler):
+    from tests.test_pipelines import make_mask
+
+    models = dict(sd2_models, unet=make_unet(dict(TINY_SD2_UNET, in_channels=9), seed=4))
+    folder = write_diffusers_folder(models, tmp_path / "sd2-inpainting")
+    ours = sd_scratch.load(folder)
+    assert (ours.family.name, ours.prediction_type) == ("sd2-inpainting", "epsilon")
+    ref = sd2_reference("StableDiffusionInpaintPipeline", models, folder, scheduler, "epsilon")
+    image, mask = make_image(3), make_mask()
+    images = ours.inpaint(PROMPTS[0], image, mask, NEGATIVE, steps=6, seed=2, scheduler=scheduler, progress=False)
+    expected = ref(PROMPTS[0], image=image, mask_image=mask, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
+                   num_inference_steps=6, generator=torch.Generator("cpu").manual_seed(2), output_type="np")
+    assert_close_images(as_uint8(images), reference_uint8(expected))
