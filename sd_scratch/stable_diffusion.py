@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from . import pipelines
+from .addons import lora
 from .memory.vae_tiling import check_tile
 from .text_encoder import CLIPTextEncoder
 from .tokenizer import CLIPTokenizer
@@ -55,6 +56,7 @@ class StableDiffusion:
         self.name = name  # the model's name in the pictures' parameters ("Model: ...")
         self.report = report
         self.vae_tile: int | None = None  # decode in tiles of this many latent pixels (None: whole)
+        self.lora = lora.LoRAState()  # the LoRAs merged into the weights, and the weights they changed
 
     @property
     def native_resolution(self) -> int:
@@ -109,6 +111,18 @@ class StableDiffusion:
         if tile is not None:
             check_tile(tile)  # now, not at the first decode
         self.vae_tile = tile
+        return self
+
+    def load_lora(self, path, scale: float = 1.0, text_encoder_scale: float | None = None,
+                  strict: bool = True) -> StableDiffusion:
+        """Merge a kohya/A1111 LoRA file into the weights (UNet × scale, text encoder ×
+        text_encoder_scale, default scale); several may be merged. See `addons/lora.py`."""
+        lora.load_lora(self, path, scale, text_encoder_scale, strict)
+        return self
+
+    def unload_lora(self) -> StableDiffusion:
+        """Take every merged LoRA out again: the original weights, bit for bit."""
+        lora.unload_lora(self)
         return self
 
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", **kwargs) -> list[Image.Image]:

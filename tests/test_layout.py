@@ -1,7 +1,8 @@
 """The package's layout rules, read off the source with `ast`:
 
-1. the top level (the documents' diagram) imports only the top level and `memory/`;
-2. `checkpoints/` never imports the pipelines (nor the CLI, nor the notebook helpers);
+1. the top level (the documents' diagram) imports only the top level and `memory/`; the one
+   facade, `stable_diffusion.py`, also `addons/` (its `load_lora` and the like);
+2. `checkpoints/` and `addons/` never import the pipelines (nor the CLI, nor the notebook helpers);
 3. nothing outside `lab/` imports `lab/`; `training/` is imported by nothing in the package;
 4. no import inside a function (a dodged cycle) and no cycle at all.
 Imports under `if TYPE_CHECKING:` are annotations only and are not counted.
@@ -15,7 +16,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sd_scratch"
 ENTRY_POINTS = {"sd_scratch", "sd_scratch.__main__", "sd_scratch.cli"}  # may import any of the layers below
-FOLDERS = ("checkpoints", "memory", "lab", "training")
+FOLDERS = ("checkpoints", "memory", "lab", "training", "addons")
+FACADE = "sd_scratch.stable_diffusion"
 
 
 def module_name(path: Path) -> str:
@@ -89,12 +91,13 @@ def test_no_import_inside_a_function(name):
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if layer(n) == "top"))
 def test_the_top_level_imports_only_the_top_level_and_memory(name):
-    bad = sorted(m for m in GRAPH[name] if layer(m) not in ("top", "memory") and m != "sd_scratch.memory")
+    allowed = ("top", "memory", "addons") if name == FACADE else ("top", "memory")
+    bad = sorted(m for m in GRAPH[name] if layer(m) not in allowed and m not in ("sd_scratch.memory", "sd_scratch.addons"))
     assert bad == [], f"{name} imports {bad}"
 
 
-@pytest.mark.parametrize("name", sorted(n for n in MODULES if layer(n) == "checkpoints"))
-def test_checkpoints_never_import_the_pipelines(name):
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if layer(n) in ("checkpoints", "addons")))
+def test_checkpoints_and_addons_never_import_the_pipelines(name):
     bad = sorted(m for m in GRAPH[name] if m in ("sd_scratch.pipelines", "sd_scratch.cli")
                  or layer(m) in ("lab", "training"))
     assert bad == [], f"{name} imports {bad}"

@@ -1,0 +1,141 @@
+"""LoRA: a low-rank change to a trained network's weights, W' = W + m · (α / r) · up @ down.
+
+Mirrors `004 · LoRA`: instead of fine-tuning W (out × in), train two thin matrices, down (r × in)
+and up (out × r) with r ≪ in, out; their product is the change. A file holds, per wrapped module,
+`<name>.lora_down.weight`, `<name>.lora_up.weight` and optionally `<name>.alpha` (kohya's and
+AUTOMATIC1111's layout, what Civitai serves); the change is scaled by α / r (1 without α) and by the
+user's multiplier m, separately for the text encoder and the UNet.
+
+`<name>` is `lora_unet_` or `lora_te_` and the module's path with "." written "_", in diffusers'
+names (`lora_unet_down_blocks_0_attentions_0_proj_in`) or, from some tools, CompVis's
+(`lora_unet_input_blocks_1_1_proj_in`); both are generated here from the model's own module names
+and the key rules of `checkpoints/rules.py`, not from a table. Factors may be 4-D: 1×1 for SD v1's
+convolutional projections, k×k for LoCon's ResNet convolutions (then ΔW[o,i,:,:] = Σ_r up[o,r] ·
+down[r,i,:,:]). The change is merged into the weights; the original tensors are kept, so
+`unload_lora` puts them back bit for bit.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..checkpoints.files import CheckpointError, read_checkpoint
+from ..checkpoints.rules import rename, unet_rules
+
+if TYPE_CHECKING:
+    from ..stable_diffusion import StableDiffusion
+
+UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
+TEXT_MODEL = "text_model."  # kohya names the text encoder as transformers' CLIPTextModel, under text_model.
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+
+
+@dataclass
+class LoRAState:
+    """What is merged: the original weights of every module touched (kept once, the first time) and
+    the files applied, with their multipliers."""
+
+    originals: dict[int, tuple[nn.Module, torch.Tensor]] = field(default_factory=dict)
+    applied: list[tuple[str, float, float]] = field(default_factory=list)  # (file, unet scale, text scale)
+
+
+def _linear_or_conv(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+def module_names(sd: StableDiffusion) -> dict[str, tuple[nn.Module, str]]:
+    """{LoRA name: (module, "unet" or "text encoder")} for every Linear and Conv2d, under diffusers'
+    names and, for the UNet, CompVis's too."""
+    names: dict[str, tuple[nn.Module, str]] = {}
+    cfg = sd.unet.config
+    rules = unet_rules(len(cfg.channels), cfg.layers_per_level, cfg.attention_levels)
+    for name, module in sd.unet.named_modules():
+        if _linear_or_conv(module):
+            names[UNET_PREFIX + name.replace(".", "_")] = (module, "unet")
+            compvis = rename(name + ".weight", rules, "original")[0].removesuffix(".weight")
+            names[UNET_PREFIX + compvis.replace(".", "_")] = (module, "unet")
+    for name, module in sd.text_encoder.named_modules():
+        if _linear_or_conv(module):
+            names[TEXT_PREFIX + (TEXT_MODEL + name).replace(".", "_")] = (module, "text encoder")
+    return names
+
+
+def delta_weight(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """up @ down in the weight's shape: Linear (out, in); a 1×1 factor pair onto a Linear or a 1×1
+    conv; a k×k down with a 1×1 up onto a k×k conv (each of the k×k taps its own up @ down)."""
+    up2 = up.flatten(1)  # (out, r)
+    if down.ndim == 4 and down.shape[-2:] != (1, 1):
+        return torch.einsum("or,rikl->oikl", up2, down)
+    return (up2 @ down.flatten(1)).reshape(shape) if len(shape) == 4 else up2 @ down.flatten(1)
+
+
+def read_lora(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{LoRA name: {"down", "up", optionally "alpha"}} from a kohya/A1111 file, read safely."""
+    tensors = read_checkpoint(path).tensors
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    leftovers = []
+    for key, tensor in tensors.items():
+        for suffix, part in ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha")):
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[part] = tensor
+                break
+        else:
+            leftovers.append(key)
+    if leftovers:
+        raise CheckpointError(f"{path}: {len(leftovers)} keys are not lora_down/lora_up/alpha, e.g. "
+                              f"{', '.join(sorted(leftovers)[:3])}; only kohya/A1111 LoRA files are read so far")
+    incomplete = [name for name, g in groups.items() if "down" not in g or "up" not in g]
+    if incomplete:
+        raise CheckpointError(f"{path}: {len(incomplete)} modules lack lora_down or lora_up, e.g. {incomplete[0]}")
+    return groups
+
+
+@torch.no_grad()
+def load_lora(sd: StableDiffusion, path: str | Path, scale: float = 1.0, text_encoder_scale: float | None = None,
+              strict: bool = True) -> list[str]:
+    """Merge the LoRA at `path` into `sd`'s weights: the UNet's changes times `scale`, the text
+    encoder's times `text_encoder_scale` (default: `scale`). Several files may be merged one after
+    another. A name that matches no module is an error listing a few (a warning with strict=False).
+    Returns the names merged."""
+    te_scale = scale if text_encoder_scale is None else text_encoder_scale
+    groups = read_lora(path)
+    names = module_names(sd)
+    unmatched = sorted(n for n in groups if n not in names)
+    if unmatched:
+        message = (f"{path}: {len(unmatched)} of {len(groups)} LoRA modules match no module of this model, e.g. "
+                   f"{', '.join(unmatched[:3])}")
+        if strict:
+            raise CheckpointError(message + " (is it for another model family?); strict=False merges the rest")
+        warnings.warn(message + "; they are left out", stacklevel=3)
+    state = sd.lora
+    for name in sorted(n for n in groups if n in names):
+        module, part = names[name]
+        g = groups[name]
+        rank = g["down"].shape[0]
+        alpha = float(g["alpha"]) if "alpha" in g and float(g["alpha"]) != 0 else rank  # none or 0: scale 1
+        weight = module.weight
+        delta = delta_weight(g["down"].to(torch.float32), g["up"].to(torch.float32), weight.shape)
+        if delta.shape != weight.shape and delta.ndim == 4 and delta.shape[1] < weight.shape[1]:
+            delta = nn.functional.pad(delta, (0, 0, 0, 0, 0, weight.shape[1] - delta.shape[1]))  # 9-ch conv_in
+        if delta.shape != weight.shape:
+            raise CheckpointError(f"{path}: {name} changes a {tuple(delta.shape)} weight, the model's is "
+                                  f"{tuple(weight.shape)}")
+        state.originals.setdefault(id(module), (module, weight.detach().clone()))
+        m = scale if part == "unet" else te_scale
+        weight.add_((m * alpha / rank * delta).to(weight.dtype))
+    state.applied.append((str(path), scale, te_scale))
+    return sorted(n for n in groups if n in names)
+
+
+@torch.no_grad()
+def unload_lora(sd: StableDiffusion) -> None:
+    """Put back every weight a LoRA changed, bit for bit."""
+    for module, original in sd.lora.originals.values():
+        module.weight.copy_(original)
+    sd.lora.originals.clear()
+    sd.lora.applied.clear()
