@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from . import pipelines
-from .addons import lora
+from .addons import lora, textual_inversion
 from .memory.vae_tiling import check_tile
 from .text_encoder import CLIPTextEncoder
 from .tokenizer import CLIPTokenizer
@@ -119,6 +119,11 @@ class StableDiffusion:
         text_encoder_scale, default scale); several may be merged. See `addons/lora.py`."""
         lora.load_lora(self, path, scale, text_encoder_scale, strict)
         return self
+
+    def load_textual_inversion(self, path, token: str | None = None) -> str:
+        """Teach the text encoder a word: an embedding file's vectors stand for `token` (default: the
+        file's name) in every prompt. Returns the word. See `addons/textual_inversion.py`."""
+        return textual_inversion.load_textual_inversion(self, path, token)
 
     def unload_lora(self) -> StableDiffusion:
         """Take every merged LoRA out again: the original weights, bit for bit."""

@@ -88,16 +88,31 @@ class TextEncoderConfig:
 
 
 class Embeddings(nn.Module):
-    """A learned vector per token id plus a learned vector per position 0..76."""
+    """A learned vector per token id plus a learned vector per position 0..76.
+
+    Ids past the vocabulary (vocab_size, vocab_size + 1, …) look up `extra_vectors`: the vectors of
+    textual-inversion embeddings (`addons/textual_inversion.py`, document 004 · 嵌入), which the
+    tokenizer writes in place of their names. They are not weights of the model (not in its
+    state_dict), so a saved model is the one that was loaded."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.context_length, cfg.width)
+        self.register_buffer("extra_vectors", None, persistent=False)  # (k, width) once embeddings are loaded
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.token_embedding(ids) + self.position_embedding(positions)  # (B, T, C)
+        vocab = self.token_embedding.num_embeddings
+        known = vocab + (0 if self.extra_vectors is None else len(self.extra_vectors))
+        if (ids >= known).any():
+            raise ValueError(f"token id {int(ids.max())} is past the vocabulary ({vocab} ids and "
+                             f"{known - vocab} loaded embedding vectors)")
+        tokens = self.token_embedding(ids.clamp(max=vocab - 1))  # (B, T, C)
+        if known > vocab:
+            extra = self.extra_vectors[(ids - vocab).clamp(min=0)]
+            tokens = torch.where((ids >= vocab)[..., None], extra.to(tokens.dtype), tokens)
+        return tokens + self.position_embedding(positions)
 
 
 class SelfAttention(nn.Module):

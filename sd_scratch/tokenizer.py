@@ -173,6 +173,8 @@ class CLIPTokenizer:
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.start_id, self.end_id, self.pad_id = vocab[START_TOKEN], vocab[END_TOKEN], pad_id
         self.cache: dict[str, tuple[str, ...]] = {}
+        # textual-inversion embeddings: the ids of a name -> the placeholder ids that replace them
+        self.embeddings: dict[tuple[int, ...], list[int]] = {}
 
     @classmethod
     def from_bpe_file(cls, path: str | Path | None = None, pad_id: int = END_OF_TEXT) -> "CLIPTokenizer":
@@ -211,9 +213,26 @@ class CLIPTokenizer:
         return "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
 
     def encode(self, text: str) -> list[int]:
-        """Ids of `text` with start and end tokens, neither padded nor truncated."""
+        """Ids of `text` with start and end tokens, neither padded nor truncated. The ids of a loaded
+        embedding's name are replaced by its placeholder ids (longest name first)."""
         pieces = [token for piece in self.pretokenize(text) for token in self.bpe(self.byte_encode(piece))]
-        return [self.start_id, *(self.encoder[token] for token in pieces), self.end_id]
+        return [self.start_id, *self.substitute_embeddings([self.encoder[t] for t in pieces]), self.end_id]
+
+    def substitute_embeddings(self, ids: list[int]) -> list[int]:
+        """`ids` with every run that spells an embedding's name replaced by its placeholders."""
+        if not self.embeddings:
+            return ids
+        names = sorted(self.embeddings, key=len, reverse=True)
+        out, i = [], 0
+        while i < len(ids):
+            name = next((n for n in names if tuple(ids[i:i + len(n)]) == n), None)
+            if name is None:
+                out.append(ids[i])
+                i += 1
+            else:
+                out += self.embeddings[name]
+                i += len(name)
+        return out
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Ids back to text; `</w>` becomes a space. Special tokens are written out as their strings."""

@@ -170,6 +170,16 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     return CheckpointContents(tensors, ignored, fmt)
 
 
+def read_object(path: str | Path) -> object:
+    """What one file holds, nested containers kept (an A1111 embedding's {"string_to_param": {...}}),
+    read as safely as `read_checkpoint`: safetensors as a dict of tensors, pickles weights-only."""
+    path = Path(path)
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        return read_checkpoint(path).tensors
+    return _torch_load(path, fmt)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read one checkpoint file into a flat ``{name: tensor}`` dict (non-tensor entries dropped)."""
     return read_checkpoint(path).tensors
