@@ -23,7 +23,7 @@ from . import pipelines
 from .checkpoints.load import BUILTIN_MODEL, load
 from .guidance import PREDICTION_TYPES
 from .noise_schedule import SPACINGS
-from .prompts import LONG_PROMPT_MODES
+from .prompts import LONG_PROMPT_MODES, SYNTAXES
 from .samplers import ALIASES, DEFAULT_SPACING, SAMPLERS
 from .stable_diffusion import DTYPES
 
@@ -91,6 +91,9 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--clip-skip", type=int, default=0, help="skip the last N text encoder layers (default: %(default)s)")
     p.add_argument("--long-prompts", choices=LONG_PROMPT_MODES, default="truncate",
                    help="over 75 tokens: truncate (with a warning) or encode in chunks of 75 (default: %(default)s)")
+    p.add_argument("--prompt-syntax", choices=SYNTAXES, default="a1111",
+                   help="a1111: (word:1.2), [word], BREAK as AUTOMATIC1111 reads them; plain: the text as it is "
+                        "(default: %(default)s)")
     p.add_argument("--num-images", type=int, default=1, help="images to make (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights' precision (default: %(default)s)")
@@ -133,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = dict(steps=args.steps, guidance_scale=args.guidance, seed=seed, scheduler=args.scheduler,
                     num_images=args.num_images, eta=args.eta, karras=args.karras, spacing=args.spacing,
                     guidance_rescale=args.guidance_rescale, zero_terminal_snr=args.zero_terminal_snr,
-                    clip_skip=args.clip_skip, long_prompts=args.long_prompts)
+                    clip_skip=args.clip_skip, long_prompts=args.long_prompts, prompt_syntax=args.prompt_syntax)
     _check_device(args.device)
     # Everything but the image size is checked before the (slow) load; height and width must divide
     # by the VAE's factor, which only the loaded model knows.

@@ -38,8 +38,9 @@ from tqdm import tqdm
 from .guidance import AsEpsilon, ClassifierFreeGuidance, ConcatCondition, UNetCall, Unguided
 from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
 from .noise_schedule import SPACINGS, draw_noise
-from .prompts import LONG_PROMPT_MODES, as_prompt_list, encode_prompts
+from .prompts import EMPHASES, LONG_PROMPT_MODES, SYNTAXES, as_prompt_list, encode_prompts
 from .samplers import ALIASES, DEFAULT_SPACING, SAMPLERS, Sampler, make_sampler, sampler_name
+from .tokenizer import CONTEXT_LENGTH
 
 if TYPE_CHECKING:
     from .guidance import Prediction
@@ -81,6 +82,8 @@ class GenerationSettings:
     zero_terminal_snr: bool = False  # the schedule rescaled so that ᾱ_999 = 0 (Lin et al. 2023; v-models only)
     clip_skip: int = 0
     long_prompts: str = "truncate"
+    prompt_syntax: str = "a1111"  # AUTOMATIC1111's (word:1.2), [word], BREAK; "plain": the text as it is
+    emphasis: str = "original"  # A1111's "Original" (weights, then the mean restored) or "no_norm"
 
     def check(self, factor: int) -> None:
         """`factor`: the VAE's downsampling factor (8 for SD), which height and width must divide."""
@@ -107,6 +110,10 @@ class GenerationSettings:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}")
         if self.long_prompts not in LONG_PROMPT_MODES:
             raise ValueError(f"long_prompts must be one of {LONG_PROMPT_MODES}, got {self.long_prompts!r}")
+        if self.prompt_syntax not in SYNTAXES:
+            raise ValueError(f"prompt_syntax must be one of {SYNTAXES}, got {self.prompt_syntax!r}")
+        if self.emphasis not in EMPHASES:
+            raise ValueError(f"emphasis must be one of {EMPHASES}, got {self.emphasis!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
 
@@ -171,6 +178,32 @@ def denoise(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Predicti
     return x
 
 
+def encode_prompt(sd: StableDiffusion, prompt: str | list[str], negative_prompt: str | list[str] | None = "",
+                  settings: GenerationSettings | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond, uncond): the prompts' and the negative prompts' text embeddings, (N, 77·chunks, width)
+    each, weighted as the settings' prompt syntax says. The two are encoded as separate batches (the
+    weights' mean is restored per batch, as AUTOMATIC1111 does) and the shorter is padded with the
+    empty prompt's chunks. negative_prompt None: no uncond."""
+    s = settings or GenerationSettings()
+    prompts = as_prompt_list(prompt, "prompt")
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return encode_prompts(sd, texts, s.clip_skip, s.long_prompts, s.prompt_syntax, s.emphasis)
+
+    cond = encode(prompts)
+    if negative_prompt is None:
+        return cond, None
+    negatives = as_prompt_list(negative_prompt, "negative_prompt")
+    negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+    uncond = encode(negatives)
+    if cond.shape[1] != uncond.shape[1]:
+        empty = encode([""] * len(prompts))  # (N, 77, C)
+        short, long = (cond, uncond) if cond.shape[1] < uncond.shape[1] else (uncond, cond)
+        padded = torch.cat([short, empty.repeat(1, (long.shape[1] - short.shape[1]) // CONTEXT_LENGTH, 1)], dim=1)
+        cond, uncond = (padded, uncond) if short is cond else (cond, padded)
+    return cond, uncond
+
+
 @dataclass
 class _Run:
     """What the three pipelines share once the settings are checked: the prompts (each repeated
@@ -201,9 +234,9 @@ def _start(sd: StableDiffusion, prompt, negative_prompt, s: GenerationSettings, 
     if s.seed is None:
         s.seed = random.randrange(2**32)  # recorded in every image's parameters
     generator = torch.Generator("cpu").manual_seed(s.seed)
-    texts = (negatives + prompts) if s.guided else prompts  # one text-encoder batch, unconditional first
-    context = encode_prompts(sd, texts, s.clip_skip, s.long_prompts).repeat_interleave(s.num_images, dim=0)
-    uncond, cond = context.chunk(2) if s.guided else (None, context)
+    cond, uncond = encode_prompt(sd, prompts, negatives if s.guided else None, s)
+    cond = cond.repeat_interleave(s.num_images, dim=0)
+    uncond = None if uncond is None else uncond.repeat_interleave(s.num_images, dim=0)
     sampler = s.sampler()
     begin = first * sampler.order
     sampler.start_at(begin)

@@ -130,6 +130,11 @@ class StableDiffusion:
         lora.unload_lora(self)
         return self
 
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = "",
+                      **settings) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond, uncond) text embeddings, weighted as the prompt syntax says; see `pipelines.encode_prompt`."""
+        return pipelines.encode_prompt(self, prompt, negative_prompt, pipelines.GenerationSettings(**settings))
+
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", **kwargs) -> list[Image.Image]:
         """Text to image; see `pipelines.txt2img` for the settings."""
         return pipelines.txt2img(self, prompt, negative_prompt, **kwargs)
