@@ -8,7 +8,8 @@ decided when the function is built, one layer a kind:
     out_of = UNetCall(unet)                                   (x, t, context) -> the UNet's output
     out_of = ConcatCondition(out_of, mask_and_masked_latent)  the 9-channel inpainting UNet
     guided = ClassifierFreeGuidance(out_of, cond, uncond, w)  (x, t) -> Prediction
-          or Unguided(out_of, cond)
+          or Unguided(out_of, cond)                          cond, uncond: tensors, or a ContextSchedule
+                                                             (prompt editing: the text changes by step)
     model  = AsEpsilon(guided, prediction_type)               (x, t, ᾱ_t) -> Prediction in ε
 
 Classifier-free guidance (`003`/`004 · CFG 值`, Ho & Salimans 2022): one UNet call on the batch
@@ -75,14 +76,37 @@ class ConcatCondition:
         return self.inner(torch.cat([x, self.condition.repeat(repeats, 1, 1, 1)], dim=1), t, context)  # (B, 4 + c, h, w)
 
 
+class ContextSchedule:
+    """Text embeddings that change during sampling (prompt editing, `prompts.prompt_schedule`): the
+    k-th of the run's timesteps is conditioned on `contexts[k]`."""
+
+    def __init__(self, timesteps: Tensor, contexts: list[Tensor]):
+        if len(timesteps) != len(contexts):
+            raise ValueError(f"{len(contexts)} contexts for {len(timesteps)} timesteps")
+        self.index: dict[float, int] = {}
+        for k, t in enumerate(timesteps.tolist()):
+            self.index.setdefault(float(t), k)  # a repeated timestep (PLMS's second) keeps its first
+        self.contexts = contexts
+
+    def at(self, t: Tensor) -> Tensor:
+        return self.contexts[self.index[float(t)]]
+
+
+Context = Tensor | ContextSchedule
+
+
+def context_at(context: Context, t: Tensor) -> Tensor:
+    return context.at(t) if isinstance(context, ContextSchedule) else context
+
+
 class Unguided:
     """The output given the prompt alone (guidance scale ≤ 1)."""
 
-    def __init__(self, inner: OutputFunction, cond: Tensor):
+    def __init__(self, inner: OutputFunction, cond: Context):
         self.inner, self.cond = inner, cond
 
     def __call__(self, x: Tensor, t: Tensor) -> Prediction:
-        out = self.inner(x, t, self.cond)
+        out = self.inner(x, t, context_at(self.cond, t))
         return Prediction(out, out, None)
 
 
@@ -98,12 +122,13 @@ class ClassifierFreeGuidance:
     """out = out_uncond + w·(out_cond − out_uncond), both from one UNet call on [x; x] with
     [uncond; cond]; with `rescale` φ > 0, then `rescale_guidance`."""
 
-    def __init__(self, inner: OutputFunction, cond: Tensor, uncond: Tensor, scale: float, rescale: float = 0.0):
-        self.inner, self.context = inner, torch.cat([uncond, cond])  # (2B, T, C)
+    def __init__(self, inner: OutputFunction, cond: Context, uncond: Context, scale: float, rescale: float = 0.0):
+        self.inner, self.cond, self.uncond = inner, cond, uncond
         self.scale, self.rescale = scale, rescale
 
     def __call__(self, x: Tensor, t: Tensor) -> Prediction:
-        out_uncond, out_cond = self.inner(torch.cat([x, x]), t, self.context).chunk(2)  # each (B, 4, h, w)
+        context = torch.cat([context_at(self.uncond, t), context_at(self.cond, t)])  # (2B, T, C)
+        out_uncond, out_cond = self.inner(torch.cat([x, x]), t, context).chunk(2)  # each (B, 4, h, w)
         guided = out_uncond + self.scale * (out_cond - out_uncond)
         if self.rescale:
             guided = rescale_guidance(guided, out_cond, self.rescale)

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .guidance import AsEpsilon, ClassifierFreeGuidance, ConcatCondition, UNetCall, Unguided
+from .guidance import AsEpsilon, ClassifierFreeGuidance, ConcatCondition, Context, ContextSchedule, UNetCall, Unguided
 from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
 from .noise_schedule import SPACINGS, draw_noise
-from .prompts import EMPHASES, LONG_PROMPT_MODES, SYNTAXES, as_prompt_list, encode_prompts
+from .prompts import EMPHASES, LONG_PROMPT_MODES, SYNTAXES, as_prompt_list, encode_prompts, prompt_schedule
 from .samplers import ALIASES, DEFAULT_SPACING, SAMPLERS, Sampler, make_sampler, sampler_name
 from .tokenizer import CONTEXT_LENGTH
 
@@ -211,8 +211,8 @@ class _Run:
 
     prompts: list[str]
     negatives: list[str]
-    cond: torch.Tensor  # (B, T, C)
-    uncond: torch.Tensor | None  # (B, T, C), or None without guidance
+    cond: Context  # (B, T, C), or a ContextSchedule of them (prompt editing)
+    uncond: Context | None  # the same for the negative prompts, or None without guidance
     generator: torch.Generator
     sampler: Sampler
     begin: int
@@ -234,15 +234,41 @@ def _start(sd: StableDiffusion, prompt, negative_prompt, s: GenerationSettings, 
     if s.seed is None:
         s.seed = random.randrange(2**32)  # recorded in every image's parameters
     generator = torch.Generator("cpu").manual_seed(s.seed)
-    cond, uncond = encode_prompt(sd, prompts, negatives if s.guided else None, s)
-    cond = cond.repeat_interleave(s.num_images, dim=0)
-    uncond = None if uncond is None else uncond.repeat_interleave(s.num_images, dim=0)
     sampler = s.sampler()
     begin = first * sampler.order
     sampler.start_at(begin)
+    cond, uncond = _contexts(sd, prompts, negatives if s.guided else None, s, sampler.timesteps[begin:])
     repeat = [p for p in prompts for _ in range(s.num_images)]
     negatives = [p for p in negatives for _ in range(s.num_images)]
     return _Run(repeat, negatives, cond, uncond, generator, sampler, begin)
+
+
+def _contexts(sd: StableDiffusion, prompts: list[str], negatives: list[str] | None, s: GenerationSettings,
+              timesteps: torch.Tensor) -> tuple[Context, Context | None]:
+    """The text embeddings for the run, each repeated num_images times: fixed tensors, or, where a
+    prompt edits itself during sampling (`[from:to:when]`, `[a|b]`), a ContextSchedule with the
+    embeddings of the text each step reads (step k of the run: its k-th timestep, counted from 1)."""
+    def repeat(c: torch.Tensor | None) -> torch.Tensor | None:
+        return None if c is None else c.repeat_interleave(s.num_images, dim=0)
+
+    steps = len(timesteps)
+    texts = prompts + (negatives or [])
+    schedules = [prompt_schedule(t, steps) if s.prompt_syntax == "a1111" else [(steps, t)] for t in texts]
+    if all(len(schedule) == 1 for schedule in schedules):
+        cond, uncond = encode_prompt(sd, prompts, negatives, s)
+        return repeat(cond), repeat(uncond)
+    encoded: dict[tuple[str, ...], tuple] = {}
+    conds, unconds = [], []
+    for k in range(1, steps + 1):
+        now = tuple(next(text for end, text in schedule if k <= end) for schedule in schedules)
+        if now not in encoded:
+            cond, uncond = encode_prompt(sd, list(now[:len(prompts)]), None if negatives is None else
+                                         list(now[len(prompts):]), s)
+            encoded[now] = (repeat(cond), repeat(uncond))
+        conds.append(encoded[now][0])
+        unconds.append(encoded[now][1])
+    return (ContextSchedule(timesteps, conds),
+            None if negatives is None else ContextSchedule(timesteps, unconds))
 
 
 def _model(sd: StableDiffusion, run: _Run, s: GenerationSettings, condition: torch.Tensor | None = None):

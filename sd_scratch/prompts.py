@@ -99,6 +99,128 @@ def parse_weights(prompt: str) -> list[Fragment]:
     return merged or [Fragment("")]
 
 
+# ---- prompt editing: [from:to:when], [to:when], [from::when], [a|b] ---------------------------------
+#
+# A prompt is parsed into a tree of pieces: text, a scheduled piece (`[from:to:when]`: from until
+# step `when`, then to), an alternating piece (`[a|b|…]`: a at step 1, b at step 2, …) and brackets
+# kept as text around their inside. Where a bracket does not parse as any of them, it stays as text
+# (at the top level; inside another bracket that bracket fails in turn), as AUTOMATIC1111's grammar does.
+
+_NUMBER = re.compile(r"\s*((?:\d+(?:\.\d*)?|\.\d+))\s*\]")
+_PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
+
+
+@dataclass
+class _Scheduled:
+    before: list
+    after: list
+    when: str  # as written: with a dot a fraction of the steps, else a step number
+
+
+@dataclass
+class _Alternate:
+    options: list
+
+
+class _Fail(Exception):
+    pass
+
+
+def _parse_sequence(text: str, i: int, stops: str, top: bool) -> tuple[list, int]:
+    """Pieces from text[i] up to (not including) a character of `stops` at this level."""
+    out: list = []
+    while i < len(text) and text[i] not in stops:
+        if text[i] in "([":
+            try:
+                piece, i = _parse_bracket(text, i)
+                out.append(piece)
+                continue
+            except _Fail:
+                if not top:
+                    raise
+        if text[i] in "()[]:|" or (text[i] == "\\" and i + 1 == len(text)):
+            if not top:
+                raise _Fail
+            out.append(text[i])  # a stray bracket at the top level is text
+            i += 1
+            continue
+        m = _PLAIN.match(text, i)
+        out.append(m.group(0))
+        i = m.end()
+    return out, i
+
+
+def _parse_bracket(text: str, i: int) -> tuple[object, int]:
+    """One bracketed piece starting at text[i] ("(" or "["); _Fail if it is none."""
+    if text[i] == "(":
+        inner, j = _parse_sequence(text, i + 1, ":)", top=False)
+        if j < len(text) and text[j] == ":":
+            weight, j = _parse_sequence(text, j + 1, ")", top=False)
+            inner = inner + [":"] + weight
+        if j >= len(text) or text[j] != ")":
+            raise _Fail
+        return ["(", *inner, ")"], j + 1
+    first, j = _parse_sequence(text, i + 1, ":|]", top=False)
+    if j >= len(text):
+        raise _Fail
+    if text[j] == "]":
+        return ["[", *first, "]"], j + 1
+    if text[j] == "|":
+        options = [first]
+        while j < len(text) and text[j] == "|":
+            option, j = _parse_sequence(text, j + 1, "|]", top=False)
+            options.append(option)
+        if j >= len(text) or text[j] != "]":
+            raise _Fail
+        return _Alternate(options), j + 1
+    # text[j] == ":": [to:when], [from:to:when] or [from::when]
+    number = _NUMBER.match(text, j + 1)
+    if number:
+        return _Scheduled([], first, number.group(1)), number.end()
+    second, k = _parse_sequence(text, j + 1, ":", top=False)
+    number = _NUMBER.match(text, k + 1) if k < len(text) and text[k] == ":" else None
+    if number is None:
+        raise _Fail
+    return _Scheduled(first, second, number.group(1)), number.end()
+
+
+def _switch_steps(pieces: list, steps: int) -> set[int]:
+    out: set[int] = set()
+    for p in pieces:
+        if isinstance(p, _Scheduled):
+            when = float(p.when) * steps if "." in p.when else float(p.when)
+            if min(steps, int(when)) >= 1:
+                out.add(min(steps, int(when)))
+            out |= _switch_steps(p.before, steps) | _switch_steps(p.after, steps)
+        elif isinstance(p, _Alternate):
+            out |= set(range(1, steps + 1))
+        elif isinstance(p, list):
+            out |= _switch_steps(p, steps)
+    return out
+
+
+def _text_at(pieces: list, step: int, steps: int) -> str:
+    parts = []
+    for p in pieces:
+        if isinstance(p, _Scheduled):
+            when = min(steps, int(float(p.when) * steps if "." in p.when else float(p.when)))
+            parts.append(_text_at(p.before if step <= when else p.after, step, steps))
+        elif isinstance(p, _Alternate):
+            parts.append(_text_at(p.options[(step - 1) % len(p.options)], step, steps))
+        elif isinstance(p, list):
+            parts.append(_text_at(p, step, steps))
+        else:
+            parts.append(p)
+    return "".join(parts)
+
+
+def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """[(last step, prompt text), …]: which text the prompt means at each of `steps` sampling steps
+    (counted from 1), as AUTOMATIC1111's prompt editing reads it."""
+    pieces, _ = _parse_sequence(prompt, 0, "", top=True)
+    return [(step, _text_at(pieces, step, steps)) for step in sorted(_switch_steps(pieces, steps) | {steps})]
+
+
 @dataclass
 class Chunk:
     """Up to 75 token ids with their weights and where each came from."""

@@ -90,7 +90,8 @@ def test_weighted_embeddings_equal_the_formula_on_transformers_hidden_states(our
     assert rel_err(no_norm * (expected.mean() / no_norm.mean()), expected) <= 1e-5
 
 
-def test_images_equal_diffusers_fed_the_same_embeddings(ours, tiny_models, tiny_checkpoint):
+def reference_pipeline(tiny_models, tiny_checkpoint):
+    """diffusers' pipeline on a copy of the reference models, DDIM from the official config."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -100,6 +101,11 @@ def test_images_equal_diffusers_fed_the_same_embeddings(ours, tiny_models, tiny_
                                    unet=models["unet"], scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_images_equal_diffusers_fed_the_same_embeddings(ours, tiny_models, tiny_checkpoint):
+    pipe = reference_pipeline(tiny_models, tiny_checkpoint)
     prompt, negative = "a (red:1.4) circle BREAK on a [[green]] background", "(blurry:1.3)"
     cond, uncond = ours.encode_prompt(prompt, negative)
     assert cond.shape[1] == 2 * 77 and uncond.shape == cond.shape  # BREAK: two chunks; uncond padded
@@ -117,3 +123,54 @@ def test_a_long_prompt_is_truncated_with_a_warning_unless_chunked(ours):
     cond, _ = ours.encode_prompt(long_prompt, None, long_prompts="chunk")
     assert cond.shape[1] == 2 * 77
     assert MAX_PROMPT_TOKENS == 75
+
+
+# ---- prompt editing ------------------------------------------------------------------------------
+
+def alternating(options: list[str], steps: int = 10) -> list[tuple[int, str]]:
+    return [(k, options[(k - 1) % len(options)]) for k in range(1, steps + 1)]
+
+
+# AUTOMATIC1111's get_learned_conditioning_prompt_schedules doctests, restated: 10 steps.
+SCHEDULE_CASES = [
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", alternating(["a", "(b:1.1)"])),
+    ("[fe|]male", alternating(["female", "male"])),
+    ("[fe|||]male", alternating(["female", "male", "male", "male"])),
+]
+
+
+@pytest.mark.parametrize("prompt,expected", SCHEDULE_CASES)
+def test_prompt_editing_schedules_read_as_a1111_reads_them(prompt, expected):
+    from sd_scratch.prompts import prompt_schedule
+
+    assert prompt_schedule(prompt, 10) == expected
+
+
+def test_an_edited_prompt_switches_its_embeddings_where_diffusers_is_told_to(ours, tiny_models, tiny_checkpoint):
+    """[red:blue:3] over 6 steps: "red" for steps 1–3, "blue" from step 4. The reference is diffusers'
+    pipeline started on "a red circle" whose embeddings a step callback swaps for "a blue circle"'s
+    after step 3."""
+    pipe = reference_pipeline(tiny_models, tiny_checkpoint)
+    blue, negative = pipe.encode_prompt("a blue circle", "cpu", 1, True, "blurry")
+
+    def swap(pipeline, i, t, tensors):
+        return {"prompt_embeds": torch.cat([negative, blue])} if i == 2 else {}
+
+    expected = pipe("a red circle", negative_prompt="blurry", height=32, width=32, num_inference_steps=6,
+                    generator=torch.Generator("cpu").manual_seed(8), output_type="np",
+                    callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    images = ours.txt2img("a [red:blue:3] circle", "blurry", height=32, width=32, steps=6, seed=8, progress=False)
+    assert_close_images(as_uint8(images), reference_uint8(expected))
+    unedited = ours.txt2img("a red circle", "blurry", height=32, width=32, steps=6, seed=8, progress=False)
+    assert (as_uint8(unedited) != as_uint8(images)).any()
+    assert images[0].info["parameters"].startswith("a [red:blue:3] circle\n")
