@@ -170,3 +170,31 @@ def test_keys_that_match_nothing_are_an_error_naming_them(ours, tmp_path):
     assert not ours.lora.originals  # nothing was merged
     with pytest.warns(UserWarning, match="not_a_module"):
         ours.load_lora(tmp_path / "odd.safetensors", strict=False)
+
+
+def test_a_diffusers_peft_lora_merges_as_diffusers_fuses_it(ours, tiny_models, tiny_checkpoint, tmp_path):
+    """diffusers' own layout (`unet.<module>.lora_A.weight`, `lora_B.weight`; no alpha: scale 1)."""
+    kohya = random_lora(ours, seed=9)
+    peft = {}
+    for key, t in kohya.items():
+        if key.endswith(".alpha"):
+            continue
+        name, _, kind = key.partition(".")
+        prefix = "unet." if name.startswith("lora_unet_") else "text_encoder."
+        peft[f"{prefix}{dict_path(ours, name)}.{'lora_A' if kind.startswith('lora_down') else 'lora_B'}.weight"] = t
+    save_file(peft, str(tmp_path / "peft.safetensors"))
+    ours.load_lora(tmp_path / "peft.safetensors", scale=0.6)
+    ref = fused_reference(tiny_models, tiny_checkpoint["folder"] / "tokenizer", peft, 0.6, 0.6)
+    ref_unet, ref_text = ref.unet.state_dict(), ref.text_encoder.state_dict()
+    gaps = {name: rel_err(t, ref_unet[name]) for name, t in ours.unet.state_dict().items()}
+    gaps |= {name: rel_err(t, ref_text["text_model." + name]) for name, t in ours.text_encoder.state_dict().items()}
+    assert max(gaps.values()) <= 1e-5, max(gaps, key=gaps.get)
+    assert len(ours.lora.originals) == len(peft) // 2
+
+
+def dict_path(model, kohya_name: str) -> str:
+    """The dotted module path (diffusers layout; `text_model.` for the text encoder) of a kohya name."""
+    module, part = module_names(model)[kohya_name]
+    if part == "unet":
+        return next(n for n, m in model.unet.named_modules() if m is module)
+    return "text_model." + next(n for n, m in model.text_encoder.named_modules() if m is module)

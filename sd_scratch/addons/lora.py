@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
 TEXT_MODEL = "text_model."  # kohya names the text encoder as transformers' CLIPTextModel, under text_model.
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"))
+# diffusers' attention-processor LoRA names (before it used PEFT) and the module each wraps
+OLD_DIFFUSERS_PROCESSORS = ((".processor.to_q_lora", ".to_q"), (".processor.to_k_lora", ".to_k"),
+                            (".processor.to_v_lora", ".to_v"), (".processor.to_out_lora", ".to_out.0"))
 
 
 @dataclass
@@ -74,21 +78,47 @@ def delta_weight(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> tor
     return (up2 @ down.flatten(1)).reshape(shape) if len(shape) == 4 else up2 @ down.flatten(1)
 
 
+def _kohya_name(diffusers_key: str) -> str | None:
+    """A diffusers-layout module path (`unet.down_blocks.0…to_q`, `text_encoder.text_model…q_proj`)
+    as kohya's name, or None for another prefix."""
+    for prefix, lora_prefix in (("unet.", UNET_PREFIX), ("text_encoder.", TEXT_PREFIX)):
+        if diffusers_key.startswith(prefix):
+            return lora_prefix + diffusers_key[len(prefix):].replace(".", "_")
+    return None
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """(kohya name, "down"/"up"/"alpha") of one key in any of the layouts read, or None."""
+    for suffix, part in ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha")):  # kohya / A1111
+        if key.endswith(suffix) and key.startswith((UNET_PREFIX, TEXT_PREFIX)):
+            return key[: -len(suffix)], part
+    for suffix, part in PEFT_SUFFIXES:  # diffusers / PEFT: unet.<path>.lora_A.weight
+        if key.endswith(suffix):
+            name = _kohya_name(key[: -len(suffix)])
+            return None if name is None else (name, part)
+    for old, new in OLD_DIFFUSERS_PROCESSORS:  # diffusers before PEFT: …attn1.processor.to_q_lora.down.weight
+        for suffix, part in ((".down.weight", "down"), (".up.weight", "up")):
+            if key.endswith(old + suffix):
+                name = _kohya_name(key[: -len(old + suffix)] + new)
+                return None if name is None else (name, part)
+    return None
+
+
 def read_lora(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{LoRA name: {"down", "up", optionally "alpha"}} from a kohya/A1111 file, read safely."""
+    """{kohya name: {"down", "up", optionally "alpha"}} from a kohya/A1111 file or a diffusers/PEFT
+    one (`unet.<module>.lora_A.weight`/`lora_B.weight`, alpha-less: scale 1), read safely."""
     tensors = read_checkpoint(path).tensors
     groups: dict[str, dict[str, torch.Tensor]] = {}
     leftovers = []
     for key, tensor in tensors.items():
-        for suffix, part in ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha")):
-            if key.endswith(suffix):
-                groups.setdefault(key[: -len(suffix)], {})[part] = tensor
-                break
-        else:
+        where = _split_key(key)
+        if where is None:
             leftovers.append(key)
+        else:
+            groups.setdefault(where[0], {})[where[1]] = tensor
     if leftovers:
-        raise CheckpointError(f"{path}: {len(leftovers)} keys are not lora_down/lora_up/alpha, e.g. "
-                              f"{', '.join(sorted(leftovers)[:3])}; only kohya/A1111 LoRA files are read so far")
+        raise CheckpointError(f"{path}: {len(leftovers)} keys are in no LoRA layout read here (kohya lora_down/"
+                              f"lora_up/alpha, diffusers lora_A/lora_B), e.g. {', '.join(sorted(leftovers)[:3])}")
     incomplete = [name for name, g in groups.items() if "down" not in g or "up" not in g]
     if incomplete:
         raise CheckpointError(f"{path}: {len(incomplete)} modules lack lora_down or lora_up, e.g. {incomplete[0]}")
