@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import pipelines
@@ -91,6 +92,11 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--clip-skip", type=int, default=0, help="skip the last N text encoder layers (default: %(default)s)")
     p.add_argument("--long-prompts", choices=LONG_PROMPT_MODES, default="truncate",
                    help="over 75 tokens: truncate (with a warning) or encode in chunks of 75 (default: %(default)s)")
+    p.add_argument("--from-png", metavar="PATH",
+                   help="take the prompt and settings from a PNG's AUTOMATIC1111 'parameters' chunk (what it records "
+                        "that sd-scratch cannot honour is listed)")
+    p.add_argument("--lora-dir", metavar="FOLDER",
+                   help="where the LoRA files that <lora:name:m> tags in the prompt name are found")
     p.add_argument("--prompt-syntax", choices=SYNTAXES, default="a1111",
                    help="a1111: (word:1.2), [word], BREAK as AUTOMATIC1111 reads them; plain: the text as it is "
                         "(default: %(default)s)")
@@ -128,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.from_png is not None:
+        _settings_from_png(args)
     prompt = _prompt(args)
     outputs = _output_paths(args.output, args.num_images)
     seed = random.randrange(2**32) if args.seed == RANDOM_SEED else args.seed
@@ -150,20 +158,44 @@ def _run(args: argparse.Namespace) -> int:
     if args.low_memory:
         sd.set_attention_slicing().set_vae_tiling()
     # No --height/--width: txt2img draws at the model's native size, the others at the image's.
-    common = dict(height=args.height, width=args.width, progress=not args.quiet, **settings)
+    common = dict(height=args.height, width=args.width, progress=not args.quiet, lora_dir=args.lora_dir, **settings)
     if args.command == "txt2img":
-        images = pipelines.txt2img(sd, prompt, args.negative_prompt, **common)
+        images = sd.txt2img(prompt, args.negative_prompt, **common)
     elif args.command == "img2img":
-        images = pipelines.img2img(sd, prompt, args.image, args.negative_prompt, strength=args.strength, **common)
+        images = sd.img2img(prompt, args.image, args.negative_prompt, strength=args.strength, **common)
     else:
-        images = pipelines.inpaint(sd, prompt, args.image, args.mask, args.negative_prompt, strength=args.strength,
-                                   **common)
+        images = sd.inpaint(prompt, args.image, args.mask, args.negative_prompt, strength=args.strength, **common)
     for image, path in zip(images, outputs):
         info = PngInfo()
         info.add_text("parameters", image.info["parameters"])  # the settings, as the pipeline recorded them
         image.save(path, format="PNG", pnginfo=info)
         print(path)
     return 0
+
+
+def _settings_from_png(args: argparse.Namespace) -> None:
+    """Take the prompt and settings an AUTOMATIC1111 `parameters` chunk records (a prompt given on the
+    command line wins); warn, one line each, about what it records that cannot be honoured."""
+    try:
+        text = Image.open(args.from_png).text.get("parameters")
+    except (OSError, AttributeError) as err:
+        raise ValueError(f"--from-png: cannot read {args.from_png!r} as a PNG ({_one_line(err)})") from None
+    if not text:
+        raise ValueError(f"--from-png: {args.from_png} has no 'parameters' text chunk")
+    recorded = pipelines.read_parameters(text)
+    if args.prompt is None and args.prompt_option is None:
+        args.prompt = recorded.prompt
+    args.negative_prompt = args.negative_prompt or recorded.negative_prompt
+    to_args = {"steps": "steps", "guidance_scale": "guidance", "seed": "seed", "scheduler": "scheduler",
+               "karras": "karras", "num_images": "num_images", "eta": "eta", "spacing": "spacing",
+               "guidance_rescale": "guidance_rescale", "zero_terminal_snr": "zero_terminal_snr",
+               "clip_skip": "clip_skip", "width": "width", "height": "height"}
+    for name, value in recorded.settings.items():
+        setattr(args, to_args[name], value)
+    if recorded.strength is not None and hasattr(args, "strength"):
+        args.strength = recorded.strength
+    for item in recorded.not_honoured:
+        warnings.warn(f"--from-png: not honoured: {item}", stacklevel=2)
 
 
 def _prompt(args: argparse.Namespace) -> str:

@@ -26,8 +26,9 @@ included, in `image.info["parameters"]` (AUTOMATIC1111's text, as the CLI writes
 from __future__ import annotations
 
 import random
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -155,6 +156,69 @@ def parameters_text(prompt: str, negative_prompt: str, s: GenerationSettings, si
     lines = [prompt, f"Negative prompt: {negative_prompt}" if negative_prompt else None,
              ", ".join(f"{key}: {value}" for key, value in fields.items())]
     return "\n".join(line for line in lines if line is not None)
+
+
+# The fields of an AUTOMATIC1111 `parameters` text's last line: `Key: value` pairs, a value in
+# double quotes where it holds commas.
+_FIELD = re.compile(r'\s*([^:,]+?):\s*("(?:\\.|[^"\\])*"|[^,]*)\s*(?:,|$)')
+# The A1111 sampler names our samplers answer to (A1111 ≥ 1.9 writes the schedule apart, "Schedule type").
+FROM_A1111_SAMPLER = {name: ours for ours, name in A1111_SAMPLER_NAMES.items()}
+# Recorded for the record only: what a picture was made with that these settings do not choose.
+INFORMATIONAL = ("Model", "Model hash", "Version", "VAE", "VAE hash", "Lora hashes", "TI hashes")
+
+
+@dataclass
+class PngParameters:
+    """What an AUTOMATIC1111 `parameters` text says, in our settings, and what it says that we cannot honour."""
+
+    prompt: str
+    negative_prompt: str
+    settings: dict
+    strength: float | None = None
+    not_honoured: list[str] = field(default_factory=list)  # "Key: value" entries left aside, each with why
+
+
+def read_parameters(text: str) -> PngParameters:
+    """Read an AUTOMATIC1111 `parameters` text (as `parameters_text` and A1111 write it) into our
+    settings. Fields that name something we do not have are listed in `not_honoured`, not dropped silently."""
+    lines = text.strip("\n").split("\n")
+    last = lines[-1] if lines and _FIELD.match(lines[-1]) and "Steps:" in lines[-1] else ""
+    body = lines[:-1] if last else lines
+    negative_at = next((i for i, line in enumerate(body) if line.startswith("Negative prompt:")), len(body))
+    prompt = "\n".join(body[:negative_at])
+    negative = "\n".join(body[negative_at:]).removeprefix("Negative prompt:").strip()
+    fields = {m.group(1).strip(): m.group(2).strip().strip('"') for m in _FIELD.finditer(last) if m.group(1).strip()}
+    out = PngParameters(prompt, negative, {})
+    s = out.settings
+    sampler = fields.pop("Sampler", None)
+    schedule = fields.pop("Schedule type", None)
+    if sampler is not None:
+        name, karras = (sampler[: -len(" Karras")], True) if sampler.endswith(" Karras") else (sampler, False)
+        if name in FROM_A1111_SAMPLER:
+            s["scheduler"], s["karras"] = FROM_A1111_SAMPLER[name], karras
+        else:
+            out.not_honoured.append(f"Sampler: {sampler} (sd-scratch has {', '.join(FROM_A1111_SAMPLER)})")
+    if schedule is not None:
+        if schedule == "Karras":
+            s["karras"] = True
+        elif schedule not in ("Automatic", "Uniform"):
+            out.not_honoured.append(f"Schedule type: {schedule} (sd-scratch has Karras and the samplers' own)")
+    readers = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
+               "Batch size": ("num_images", int), "Eta": ("eta", float), "Timestep spacing": ("spacing", str),
+               "CFG rescale": ("guidance_rescale", float), "Zero terminal SNR": ("zero_terminal_snr", lambda v: v == "True"),
+               "Clip skip": ("clip_skip", lambda v: int(v) - 1)}  # A1111 counts clip skip from 1
+    for key, value in fields.items():
+        if key in readers:
+            name, convert = readers[key]
+            s[name] = convert(value)
+        elif key == "Size":
+            width, _, height = value.partition("x")
+            s["width"], s["height"] = int(width), int(height)
+        elif key == "Denoising strength":
+            out.strength = float(value)
+        elif key not in INFORMATIONAL:
+            out.not_honoured.append(f"{key}: {value}")
+    return out
 
 
 # ---- the loop -------------------------------------------------------------------------------------

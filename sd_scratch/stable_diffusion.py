@@ -135,15 +135,36 @@ class StableDiffusion:
         """(cond, uncond) text embeddings, weighted as the prompt syntax says; see `pipelines.encode_prompt`."""
         return pipelines.encode_prompt(self, prompt, negative_prompt, pipelines.GenerationSettings(**settings))
 
-    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", **kwargs) -> list[Image.Image]:
-        """Text to image; see `pipelines.txt2img` for the settings."""
-        return pipelines.txt2img(self, prompt, negative_prompt, **kwargs)
-
-    def img2img(self, prompt: str | list[str], image, negative_prompt: str | list[str] = "", **kwargs) -> list[Image.Image]:
-        """Image to image (SDEdit) with `strength`; see `pipelines.img2img`."""
-        return pipelines.img2img(self, prompt, image, negative_prompt, **kwargs)
-
-    def inpaint(self, prompt: str | list[str], image, mask, negative_prompt: str | list[str] = "",
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, lora_dir=None,
                 **kwargs) -> list[Image.Image]:
+        """Text to image; see `pipelines.txt2img` for the settings. `<lora:name:m>` tags in the prompt
+        merge `name` from the folder `lora_dir` for this call (AUTOMATIC1111's extra networks)."""
+        return self._with_prompt_loras(pipelines.txt2img, prompt, lora_dir, negative_prompt, **kwargs)
+
+    def img2img(self, prompt: str | list[str], image, negative_prompt: str | list[str] = "", *, lora_dir=None,
+                **kwargs) -> list[Image.Image]:
+        """Image to image (SDEdit) with `strength`; see `pipelines.img2img`."""
+        return self._with_prompt_loras(pipelines.img2img, prompt, lora_dir, image, negative_prompt, **kwargs)
+
+    def inpaint(self, prompt: str | list[str], image, mask, negative_prompt: str | list[str] = "", *,
+                lora_dir=None, **kwargs) -> list[Image.Image]:
         """Repaint the white part of `mask`; see `pipelines.inpaint`."""
-        return pipelines.inpaint(self, prompt, image, mask, negative_prompt, **kwargs)
+        return self._with_prompt_loras(pipelines.inpaint, prompt, lora_dir, image, mask, negative_prompt, **kwargs)
+
+    def _with_prompt_loras(self, pipeline, prompt, lora_dir, *args, **kwargs) -> list[Image.Image]:
+        """Run `pipeline` on the prompt without its `<lora:…>` tags, those LoRAs merged meanwhile;
+        the images' recorded prompts keep the tags, as AUTOMATIC1111's do."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        if prompts is None or not all(isinstance(p, str) for p in prompts):
+            return pipeline(self, prompt, *args, **kwargs)  # the pipeline names what is wrong
+        stripped, tags = zip(*(lora.prompt_tags(p) for p in prompts))
+        by_name = {t.name: t for ts in tags for t in reversed(ts)}  # each LoRA once, its first tag's multipliers
+        with lora.applied_for_a_run(self, list(by_name.values()), lora_dir):
+            images = pipeline(self, stripped[0] if isinstance(prompt, str) else list(stripped), *args, **kwargs)
+        per_image = len(images) // len(prompts)
+        for k, image in enumerate(images):
+            original, bare = prompts[k // per_image], stripped[k // per_image]
+            text = image.info.get("parameters", "")
+            if original != bare and text.startswith(bare):
+                image.info["parameters"] = original + text[len(bare):]
+        return images

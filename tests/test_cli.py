@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from sd_scratch import pipelines
 from sd_scratch.cli import main
@@ -259,3 +261,54 @@ def test_settings_are_checked_before_the_checkpoint_is_loaded(cli, tmp_path, arg
                          tmp_path / "x.png", *args)
     assert status != 0 and len(err) == 1
     assert named in err[0] and "missing.safetensors" not in err[0]
+
+
+def test_from_png_reproduces_our_picture_and_reads_a1111s_text(cli, tmp_path):
+    """A PNG written here regenerates pixel for pixel from its own parameters; an A1111 text's fields
+    map onto our settings, and what cannot be honoured is a warning line each."""
+    first = tmp_path / "first.png"
+    assert cli("txt2img", "a blue square", "--steps", "3", "--seed", "42", "--scheduler", "euler_a", "--karras",
+               "--quiet", "-o", first)[0] == 0
+    again = tmp_path / "again.png"
+    status, _, err = cli("txt2img", "--from-png", first, "--quiet", "-o", again)
+    assert (status, err) == (0, [])
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert Image.open(again).text["parameters"] == Image.open(first).text["parameters"]
+
+    recorded = pipelines.read_parameters(
+        "a red circle\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6, "
+        'Seed: 7, Size: 64x64, Model hash: abc, Model: v1-5, Clip skip: 2, Lora hashes: "a: 1, b: 2", '
+        "Hires upscale: 2")
+    assert (recorded.prompt, recorded.negative_prompt) == ("a red circle", "blurry")
+    assert recorded.settings == dict(scheduler="dpmpp_2m", karras=True, steps=4, guidance_scale=6.0, seed=7,
+                                     width=64, height=64, clip_skip=1)
+    assert recorded.not_honoured == ["Hires upscale: 2"]
+    png = tmp_path / "a1111.png"
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 2, Sampler: DPM++ SDE, CFG scale: 6, Seed: 7, Size: 64x64")
+    Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+    status, _, err = cli("txt2img", "--from-png", png, "--quiet", "-o", tmp_path / "b.png")
+    assert status == 0 and err == ["sd-scratch: warning: --from-png: not honoured: Sampler: DPM++ SDE (sd-scratch "
+                                   "has DDPM, DDIM, PLMS, Euler, Euler a, DPM++ 2M)"]
+
+
+def test_lora_tags_in_the_prompt_need_a_folder_and_merge_for_the_run(cli, tmp_path):
+    from safetensors.torch import save_file
+
+    status, _, err = cli("txt2img", "a red circle <lora:style:0.5>", "--steps", "2", "--quiet", "-o", tmp_path / "x.png")
+    assert status == 1 and "pass lora_dir= (--lora-dir)" in err[0]
+    import sd_scratch
+    sd = sd_scratch.load()
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    proj = sd.unet.get_submodule("down_blocks.0.attentions.0.proj_in")
+    g = torch.Generator().manual_seed(0)
+    save_file({name + ".lora_down.weight": torch.randn(4, proj.weight.shape[1], 1, 1, generator=g) * 0.3,
+               name + ".lora_up.weight": torch.randn(proj.weight.shape[0], 4, 1, 1, generator=g) * 0.3},
+              str(tmp_path / "style.safetensors"))
+    before = proj.weight.clone()
+    tagged = sd.txt2img("a red circle <lora:style:0.5>", steps=2, seed=3, lora_dir=tmp_path, progress=False)[0]
+    assert torch.equal(proj.weight, before)  # put back after the run
+    sd.load_lora(tmp_path / "style.safetensors", scale=0.5)
+    merged = sd.txt2img("a red circle", steps=2, seed=3, progress=False)[0]
+    assert np.array_equal(np.asarray(tagged), np.asarray(merged))
+    assert tagged.info["parameters"].startswith("a red circle <lora:style:0.5>\n")

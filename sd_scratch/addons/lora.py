@@ -16,7 +16,9 @@ down[r,i,:,:]). The change is merged into the weights; the original tensors are 
 """
 from __future__ import annotations
 
+import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,7 +129,7 @@ def read_lora(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def load_lora(sd: StableDiffusion, path: str | Path, scale: float = 1.0, text_encoder_scale: float | None = None,
-              strict: bool = True) -> list[str]:
+              strict: bool = True, state: LoRAState | None = None) -> list[str]:
     """Merge the LoRA at `path` into `sd`'s weights: the UNet's changes times `scale`, the text
     encoder's times `text_encoder_scale` (default: `scale`). Several files may be merged one after
     another. A name that matches no module is an error listing a few (a warning with strict=False).
@@ -142,7 +144,7 @@ def load_lora(sd: StableDiffusion, path: str | Path, scale: float = 1.0, text_en
         if strict:
             raise CheckpointError(message + " (is it for another model family?); strict=False merges the rest")
         warnings.warn(message + "; they are left out", stacklevel=3)
-    state = sd.lora
+    state = sd.lora if state is None else state
     for name in sorted(n for n in groups if n in names):
         module, part = names[name]
         g = groups[name]
@@ -163,9 +165,70 @@ def load_lora(sd: StableDiffusion, path: str | Path, scale: float = 1.0, text_en
 
 
 @torch.no_grad()
-def unload_lora(sd: StableDiffusion) -> None:
+def unload_lora(sd: StableDiffusion, state: LoRAState | None = None) -> None:
     """Put back every weight a LoRA changed, bit for bit."""
-    for module, original in sd.lora.originals.values():
+    state = sd.lora if state is None else state
+    for module, original in state.originals.values():
         module.weight.copy_(original)
-    sd.lora.originals.clear()
-    sd.lora.applied.clear()
+    state.originals.clear()
+    state.applied.clear()
+
+
+# ---- <lora:name:multiplier> in a prompt (AUTOMATIC1111's extra networks) ---------------------------
+
+# <lora:NAME>, <lora:NAME:m>, <lora:NAME:te:unet>, and the keyword forms te=…, unet=…
+PROMPT_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+@dataclass(frozen=True)
+class LoRATag:
+    name: str
+    unet: float
+    text_encoder: float
+
+
+def prompt_tags(prompt: str) -> tuple[str, list[LoRATag]]:
+    """The prompt without its `<lora:…>` tags, and the tags (A1111: the UNet multiplier defaults to
+    the text encoder's, which defaults to 1)."""
+    tags = []
+    for match in PROMPT_TAG.finditer(prompt):
+        te = unet = None
+        positional = []
+        for arg in match.group(2).split(":")[1:]:
+            key, eq, value = arg.partition("=")
+            if eq and key.strip() in ("te", "unet"):
+                te, unet = (float(value), unet) if key.strip() == "te" else (te, float(value))
+            elif arg.strip():
+                positional.append(float(arg))
+        te = positional[0] if te is None and positional else te
+        unet = positional[1] if unet is None and len(positional) > 1 else unet
+        te = 1.0 if te is None else te
+        tags.append(LoRATag(match.group(1).strip(), te if unet is None else unet, te))
+    return PROMPT_TAG.sub("", prompt), tags
+
+
+def find_lora_file(folder: str | Path, name: str) -> Path:
+    folder = Path(folder)
+    for suffix in FILE_SUFFIXES:
+        if (folder / f"{name}{suffix}").is_file():
+            return folder / f"{name}{suffix}"
+    raise FileNotFoundError(f"<lora:{name}>: no {name}{{{','.join(FILE_SUFFIXES)}}} in {folder}")
+
+
+@contextmanager
+def applied_for_a_run(sd: StableDiffusion, tags: list[LoRATag], folder: str | Path | None):
+    """The prompt's LoRAs merged for one generation, the weights put back afterwards."""
+    if not tags:
+        yield
+        return
+    if folder is None:
+        names = ", ".join(f"<lora:{t.name}>" for t in tags)
+        raise ValueError(f"the prompt names {names}; pass lora_dir= (--lora-dir) for the folder that holds them")
+    state = LoRAState()
+    try:
+        for tag in tags:
+            load_lora(sd, find_lora_file(folder, tag.name), tag.unet, tag.text_encoder, state=state)
+        yield
+    finally:
+        unload_lora(sd, state)
