@@ -198,3 +198,35 @@ def dict_path(model, kohya_name: str) -> str:
     if part == "unet":
         return next(n for n, m in model.unet.named_modules() if m is module)
     return "text_model." + next(n for n, m in model.text_encoder.named_modules() if m is module)
+
+
+def test_lycoris_loha_and_lokr_merge_by_their_formulas(ours, tmp_path):
+    """LoHa ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · α/r; LoKr ΔW = w1 ⊗ (w2a @ w2b) · α/r (r: the factors'
+    rank). No reference library is installed for them, so the formulas are written out here."""
+    g = torch.Generator().manual_seed(11)
+    q = ours.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    k = ours.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k")
+    out_q, in_q = q.weight.shape
+    r = 2
+    loha = {n: torch.randn(*shape, generator=g) * 0.7 for n, shape in  # ΔW well above float32 rounding of W
+            (("hada_w1_a", (out_q, r)), ("hada_w1_b", (r, in_q)), ("hada_w2_a", (out_q, r)), ("hada_w2_b", (r, in_q)))}
+    w1 = torch.randn(4, 4, generator=g) * 0.1  # LoKr: (out/4 × in/4) ⊗ … = out × in
+    w2a, w2b = torch.randn(out_q // 4, r, generator=g) * 0.1, torch.randn(r, in_q // 4, generator=g) * 0.1
+    base_q, base_k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", \
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+    tensors = {f"{base_q}.{n}": t for n, t in loha.items()} | {f"{base_q}.alpha": torch.tensor(1.0)}
+    tensors |= {f"{base_k}.lokr_w1": w1, f"{base_k}.lokr_w2_a": w2a, f"{base_k}.lokr_w2_b": w2b,
+                f"{base_k}.alpha": torch.tensor(4.0)}
+    save_file(tensors, str(tmp_path / "lycoris.safetensors"))
+    before_q, before_k = q.weight.clone(), k.weight.clone()
+    ours.load_lora(tmp_path / "lycoris.safetensors", scale=0.5)
+    loha_delta = (loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"]) * (1.0 / r)
+    lokr_delta = torch.kron(w1, w2a @ w2b) * (4.0 / r)
+    assert rel_err(q.weight - before_q, 0.5 * loha_delta) <= 1e-5
+    assert rel_err(k.weight - before_k, 0.5 * lokr_delta) <= 1e-5
+    ours.unload_lora()
+    assert torch.equal(q.weight, before_q) and torch.equal(k.weight, before_k)
+    save_file({f"{base_q}.lokr_w1": w1, f"{base_q}.lokr_w2": torch.zeros(2, 2), f"{base_q}.lokr_t2": torch.zeros(1)},
+              str(tmp_path / "tucker.safetensors"))
+    with pytest.raises(CheckpointError, match="CP/Tucker"):
+        ours.load_lora(tmp_path / "tucker.safetensors")

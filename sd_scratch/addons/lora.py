@@ -3,7 +3,8 @@
 Mirrors `004 · LoRA`: instead of fine-tuning W (out × in), train two thin matrices, down (r × in)
 and up (out × r) with r ≪ in, out; their product is the change. A file holds, per wrapped module,
 `<name>.lora_down.weight`, `<name>.lora_up.weight` and optionally `<name>.alpha` (kohya's and
-AUTOMATIC1111's layout, what Civitai serves); the change is scaled by α / r (1 without α) and by the
+AUTOMATIC1111's layout, what Civitai serves; LyCORIS's LoHa and LoKr factor ΔW otherwise, see
+`change_of`; diffusers' own files name modules `unet.<path>.lora_A/lora_B`); the change is scaled by α / r (1 without α) and by the
 user's multiplier m, separately for the text encoder and the UNet.
 
 `<name>` is `lora_unet_` or `lora_te_` and the module's path with "." written "_", in diffusers'
@@ -36,6 +37,10 @@ UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
 TEXT_MODEL = "text_model."  # kohya names the text encoder as transformers' CLIPTextModel, under text_model.
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"))
+# LyCORIS's LoHa (Hadamard product) and LoKr (Kronecker product) tensors; CP/Tucker cores are refused
+LYCORIS = tuple((f".{n}", n) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                        "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                        "lokr_t2")) + ((".lora_mid.weight", "mid"),)
 # diffusers' attention-processor LoRA names (before it used PEFT) and the module each wraps
 OLD_DIFFUSERS_PROCESSORS = ((".processor.to_q_lora", ".to_q"), (".processor.to_k_lora", ".to_k"),
                             (".processor.to_v_lora", ".to_v"), (".processor.to_out_lora", ".to_out.0"))
@@ -91,7 +96,7 @@ def _kohya_name(diffusers_key: str) -> str | None:
 
 def _split_key(key: str) -> tuple[str, str] | None:
     """(kohya name, "down"/"up"/"alpha") of one key in any of the layouts read, or None."""
-    for suffix, part in ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha")):  # kohya / A1111
+    for suffix, part in ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha"), *LYCORIS):  # kohya / A1111 / LyCORIS
         if key.endswith(suffix) and key.startswith((UNET_PREFIX, TEXT_PREFIX)):
             return key[: -len(suffix)], part
     for suffix, part in PEFT_SUFFIXES:  # diffusers / PEFT: unet.<path>.lora_A.weight
@@ -121,10 +126,57 @@ def read_lora(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     if leftovers:
         raise CheckpointError(f"{path}: {len(leftovers)} keys are in no LoRA layout read here (kohya lora_down/"
                               f"lora_up/alpha, diffusers lora_A/lora_B), e.g. {', '.join(sorted(leftovers)[:3])}")
-    incomplete = [name for name, g in groups.items() if "down" not in g or "up" not in g]
-    if incomplete:
-        raise CheckpointError(f"{path}: {len(incomplete)} modules lack lora_down or lora_up, e.g. {incomplete[0]}")
+    for name, g in groups.items():
+        kind = _kind(g)
+        if kind is None:
+            raise CheckpointError(f"{path}: {name} has {', '.join(sorted(g))}, which make no LoRA, LoHa or LoKr "
+                                  "(lora_down+lora_up; hada_w1_a/b+hada_w2_a/b; lokr_w1(_a/_b)+lokr_w2(_a/_b))")
+        if kind == "tucker":
+            raise CheckpointError(f"{path}: {name} is a LyCORIS CP/Tucker factorisation (hada_t*/lokr_t2/lora_mid), "
+                                  "which sd-scratch does not read yet")
     return groups
+
+
+def _kind(g: dict[str, torch.Tensor]) -> str | None:
+    if any(k in g for k in ("hada_t1", "hada_t2", "lokr_t2", "mid")):
+        return "tucker"
+    if {"down", "up"} <= set(g):
+        return "lora"
+    if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= set(g):
+        return "loha"
+    def has(w: str) -> bool:  # whole, or as a product of two factors
+        return w in g or {w + "_a", w + "_b"} <= set(g)
+
+    if has("lokr_w1") and has("lokr_w2"):
+        return "lokr"
+    return None
+
+
+def _alpha_over_rank(g: dict[str, torch.Tensor], rank: int | None) -> float:
+    """α / r, or 1 where the file gives no α (or 0) or the change has no rank."""
+    if rank is None or "alpha" not in g or float(g["alpha"]) == 0:
+        return 1.0
+    return float(g["alpha"]) / rank
+
+
+def change_of(g: dict[str, torch.Tensor], shape: torch.Size) -> tuple[torch.Tensor, float]:
+    """(ΔW in the weight's shape, its factor α/r) for one module's tensors:
+    LoRA ΔW = up @ down; LoHa (Hyeon-Woo et al. 2022) ΔW = (w1a @ w1b) ⊙ (w2a @ w2b);
+    LoKr ΔW = w1 ⊗ w2 (Kronecker), each w given whole or as a product a @ b."""
+    f = {k: v.to(torch.float32) for k, v in g.items()}
+    kind = _kind(g)
+    if kind == "lora":
+        return delta_weight(f["down"], f["up"], shape), _alpha_over_rank(g, f["down"].shape[0])
+    if kind == "loha":
+        delta = (f["hada_w1_a"] @ f["hada_w1_b"].flatten(1)) * (f["hada_w2_a"] @ f["hada_w2_b"].flatten(1))
+        return delta.reshape(shape), _alpha_over_rank(g, f["hada_w1_b"].shape[0])
+    ranks = [f[w + "_b"].shape[0] for w in ("lokr_w1", "lokr_w2") if w + "_b" in f]
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"].flatten(1)
+    if len(shape) == 4:
+        w1 = w1[:, :, None, None]
+        w2 = w2.reshape(w2.shape[0], -1, *shape[2:]) if w2.ndim == 2 else w2
+    return torch.kron(w1, w2).reshape(shape), _alpha_over_rank(g, ranks[0] if ranks else None)
 
 
 @torch.no_grad()
@@ -147,11 +199,8 @@ def load_lora(sd: StableDiffusion, path: str | Path, scale: float = 1.0, text_en
     state = sd.lora if state is None else state
     for name in sorted(n for n in groups if n in names):
         module, part = names[name]
-        g = groups[name]
-        rank = g["down"].shape[0]
-        alpha = float(g["alpha"]) if "alpha" in g and float(g["alpha"]) != 0 else rank  # none or 0: scale 1
         weight = module.weight
-        delta = delta_weight(g["down"].to(torch.float32), g["up"].to(torch.float32), weight.shape)
+        delta, factor = change_of(groups[name], weight.shape)
         if delta.shape != weight.shape and delta.ndim == 4 and delta.shape[1] < weight.shape[1]:
             delta = nn.functional.pad(delta, (0, 0, 0, 0, 0, weight.shape[1] - delta.shape[1]))  # 9-ch conv_in
         if delta.shape != weight.shape:
@@ -159,7 +208,7 @@ def load_lora(sd: StableDiffusion, path: str | Path, scale: float = 1.0, text_en
                                   f"{tuple(weight.shape)}")
         state.originals.setdefault(id(module), (module, weight.detach().clone()))
         m = scale if part == "unet" else te_scale
-        weight.add_((m * alpha / rank * delta).to(weight.dtype))
+        weight.add_((m * factor * delta).to(weight.dtype))
     state.applied.append((str(path), scale, te_scale))
     return sorted(n for n in groups if n in names)
 
