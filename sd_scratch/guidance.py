@@ -135,6 +135,27 @@ class ClassifierFreeGuidance:
         return Prediction(guided, out_cond, out_uncond)
 
 
+class ComposedGuidance:
+    """Composable diffusion (Liu et al. 2022) as AUTOMATIC1111 combines it: prompts joined by AND,
+    each with a weight, out = out_uncond + w · Σ_k weight_k · (out_k − out_uncond), all from one UNet
+    call on [x; x; …]. `conds`: K contexts for the B images; `weights`: (K, B)."""
+
+    def __init__(self, inner: OutputFunction, conds: list[Context], weights: Tensor, uncond: Context,
+                 scale: float, rescale: float = 0.0):
+        self.inner, self.conds, self.weights, self.uncond = inner, conds, weights, uncond
+        self.scale, self.rescale = scale, rescale
+
+    def __call__(self, x: Tensor, t: Tensor) -> Prediction:
+        contexts = [context_at(self.uncond, t), *(context_at(c, t) for c in self.conds)]
+        outs = self.inner(torch.cat([x] * len(contexts)), t, torch.cat(contexts)).chunk(len(contexts))
+        out_uncond = outs[0]
+        pull = sum(w.to(x)[:, None, None, None] * (out - out_uncond) for w, out in zip(self.weights, outs[1:]))
+        guided, cond = out_uncond + self.scale * pull, out_uncond + pull
+        if self.rescale:
+            guided = rescale_guidance(guided, cond, self.rescale)
+        return Prediction(guided, cond, out_uncond)
+
+
 class AsEpsilon:
     """The outermost layer: the prediction in ε, whatever the UNet predicts (v converted at the step's ᾱ)."""
 

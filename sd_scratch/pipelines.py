@@ -36,10 +36,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .guidance import AsEpsilon, ClassifierFreeGuidance, ConcatCondition, Context, ContextSchedule, UNetCall, Unguided
+from .guidance import (AsEpsilon, ClassifierFreeGuidance, ComposedGuidance, ConcatCondition, Context, ContextSchedule,
+                       UNetCall, Unguided)
 from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
 from .noise_schedule import SPACINGS, draw_noise
-from .prompts import EMPHASES, LONG_PROMPT_MODES, SYNTAXES, as_prompt_list, encode_prompts, prompt_schedule
+from .prompts import (EMPHASES, LONG_PROMPT_MODES, SYNTAXES, as_prompt_list, encode_prompts, prompt_schedule,
+                      split_and)
 from .samplers import ALIASES, DEFAULT_SPACING, SAMPLERS, Sampler, make_sampler, sampler_name
 from .tokenizer import CONTEXT_LENGTH
 
@@ -280,6 +282,7 @@ class _Run:
     generator: torch.Generator
     sampler: Sampler
     begin: int
+    composed: tuple | None = None  # AND: (contexts, weights, uncond), see _composed
 
     @property
     def batch(self) -> int:
@@ -301,10 +304,14 @@ def _start(sd: StableDiffusion, prompt, negative_prompt, s: GenerationSettings, 
     sampler = s.sampler()
     begin = first * sampler.order
     sampler.start_at(begin)
-    cond, uncond = _contexts(sd, prompts, negatives if s.guided else None, s, sampler.timesteps[begin:])
+    composed = _composed(sd, prompts, negatives, s)
+    if composed is None:
+        cond, uncond = _contexts(sd, prompts, negatives if s.guided else None, s, sampler.timesteps[begin:])
+    else:
+        cond, uncond = composed[0][0], composed[2]
     repeat = [p for p in prompts for _ in range(s.num_images)]
     negatives = [p for p in negatives for _ in range(s.num_images)]
-    return _Run(repeat, negatives, cond, uncond, generator, sampler, begin)
+    return _Run(repeat, negatives, cond, uncond, generator, sampler, begin, composed)
 
 
 def _contexts(sd: StableDiffusion, prompts: list[str], negatives: list[str] | None, s: GenerationSettings,
@@ -335,13 +342,38 @@ def _contexts(sd: StableDiffusion, prompts: list[str], negatives: list[str] | No
             None if negatives is None else ContextSchedule(timesteps, unconds))
 
 
+def _composed(sd: StableDiffusion, prompts: list[str], negatives: list[str], s: GenerationSettings):
+    """For prompts with AND (or a part weight): K contexts, their (K, B) weights and the uncond, each
+    repeated num_images times; None when no prompt composes."""
+    parts = [split_and(p) for p in prompts] if s.prompt_syntax == "a1111" else [[(p, 1.0)] for p in prompts]
+    if all(len(p) == 1 and p[0][1] == 1.0 for p in parts):
+        return None
+    if any(len(prompt_schedule(text, s.steps)) > 1 for p in parts for text, _ in p):
+        raise ValueError("prompt: AND together with prompt editing ([from:to:when], [a|b]) is not supported yet")
+    k = max(len(p) for p in parts)
+    parts = [p + [(p[0][0], 0.0)] * (k - len(p)) for p in parts]  # weight 0: a part that adds nothing
+    encoded = [encode_prompt(sd, [p[i][0] for p in parts], negatives, s) for i in range(k)]
+    length = max(c.shape[1] for pair in encoded for c in pair)
+    empty = encode_prompts(sd, [""] * len(prompts), s.clip_skip, s.long_prompts, s.prompt_syntax, s.emphasis)
+
+    def padded(c: torch.Tensor) -> torch.Tensor:  # to the longest, with the empty prompt's chunks
+        extra = (length - c.shape[1]) // CONTEXT_LENGTH
+        return torch.cat([c, empty.repeat(1, extra, 1)], dim=1).repeat_interleave(s.num_images, dim=0)
+
+    weights = torch.tensor([[p[i][1] for p in parts] for i in range(k)]).repeat_interleave(s.num_images, dim=1)
+    return [padded(cond) for cond, _ in encoded], weights, padded(encoded[0][1])
+
+
 def _model(sd: StableDiffusion, run: _Run, s: GenerationSettings, condition: torch.Tensor | None = None):
     """The model function of `guidance.py` for this run: the UNet call, the concat condition if
     any, classifier-free guidance or none, and the output as ε."""
     out_of = UNetCall(sd.unet)
     if condition is not None:
         out_of = ConcatCondition(out_of, condition)
-    if s.guided:
+    if run.composed is not None:
+        conds, weights, uncond = run.composed
+        guided = ComposedGuidance(out_of, conds, weights, uncond, s.guidance_scale, s.guidance_rescale)
+    elif s.guided:
         guided = ClassifierFreeGuidance(out_of, run.cond, run.uncond, s.guidance_scale, s.guidance_rescale)
     else:
         guided = Unguided(out_of, run.cond)

@@ -221,6 +221,21 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     return [(step, _text_at(pieces, step, steps)) for step in sorted(_switch_steps(pieces, steps) | {steps})]
 
 
+# ---- composition: "a cat AND a dog :0.6" (Liu et al. 2022, composable diffusion, as A1111 writes it)
+
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*$", re.DOTALL)
+
+
+def split_and(prompt: str) -> list[tuple[str, float]]:
+    """The prompt's AND-separated parts, each with the weight a trailing `:w` gives it (default 1)."""
+    parts = []
+    for part in _AND.split(prompt):
+        text, weight = _PART_WEIGHT.match(part).groups()
+        parts.append((text, float(weight) if weight else 1.0))
+    return parts
+
+
 @dataclass
 class Chunk:
     """Up to 75 token ids with their weights and where each came from."""

@@ -174,3 +174,38 @@ def test_an_edited_prompt_switches_its_embeddings_where_diffusers_is_told_to(our
     unedited = ours.txt2img("a red circle", "blurry", height=32, width=32, steps=6, seed=8, progress=False)
     assert (as_uint8(unedited) != as_uint8(images)).any()
     assert images[0].info["parameters"].startswith("a [red:blue:3] circle\n")
+
+
+# ---- AND -------------------------------------------------------------------------------------------
+
+def test_and_splits_a_prompt_into_weighted_parts():
+    from sd_scratch.prompts import split_and
+
+    assert split_and("a cat AND a dog :0.6") == [("a cat", 1.0), (" a dog", 0.6)]  # trailing spaces go
+    assert split_and("(word:1.2) AND ANDROID") == [("(word:1.2)", 1.0), (" ANDROID", 1.0)]
+    assert split_and("no composition") == [("no composition", 1.0)]
+
+
+def test_and_composes_the_predictions_as_the_formula_on_diffusers_parts(ours, tiny_models, tiny_checkpoint):
+    """ε = ε_u + w · Σ_k weight_k (ε_k − ε_u), each ε from diffusers' UNet on diffusers' own text
+    embeddings, stepped by diffusers' DDIM and decoded by its VAE, by hand."""
+    import numpy as np
+
+    pipe = reference_pipeline(tiny_models, tiny_checkpoint)
+    parts, w, steps, seed = [("a red circle", 1.0), ("a blue square", 0.6)], 7.5, 5, 6
+    embeds = [pipe.encode_prompt(text, "cpu", 1, True, "blurry") for text, _ in parts]
+    uncond = embeds[0][1]
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(steps)
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(seed))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps_u = pipe.unet(x, t, uncond).sample
+            eps = eps_u + w * sum(weight * (pipe.unet(x, t, cond).sample - eps_u)
+                                  for (cond, _), (_, weight) in zip(embeds, parts))
+            x = scheduler.step(eps, t, x).prev_sample
+        image = pipe.vae.decode(x / 0.18215).sample
+    expected = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = ours.txt2img("a red circle AND a blue square :0.6", "blurry", height=32, width=32, steps=steps,
+                          seed=seed, progress=False)
+    assert np.abs(as_uint8(images) - expected.astype(np.int16)).max() <= 2
