@@ -252,22 +252,27 @@ def encode_prompt(sd: StableDiffusion, prompt: str | list[str], negative_prompt:
     empty prompt's chunks. negative_prompt None: no uncond."""
     s = settings or GenerationSettings()
     prompts = as_prompt_list(prompt, "prompt")
-
-    def encode(texts: list[str]) -> torch.Tensor:
-        return encode_prompts(sd, texts, s.clip_skip, s.long_prompts, s.prompt_syntax, s.emphasis)
-
-    cond = encode(prompts)
+    cond = _encode(sd, prompts, s)
     if negative_prompt is None:
         return cond, None
     negatives = as_prompt_list(negative_prompt, "negative_prompt")
     negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-    uncond = encode(negatives)
-    if cond.shape[1] != uncond.shape[1]:
-        empty = encode([""] * len(prompts))  # (N, 77, C)
-        short, long = (cond, uncond) if cond.shape[1] < uncond.shape[1] else (uncond, cond)
-        padded = torch.cat([short, empty.repeat(1, (long.shape[1] - short.shape[1]) // CONTEXT_LENGTH, 1)], dim=1)
-        cond, uncond = (padded, uncond) if short is cond else (cond, padded)
+    cond, uncond = _padded_to_longest(sd, [cond, _encode(sd, negatives, s)], s)
     return cond, uncond
+
+
+def _encode(sd: StableDiffusion, texts: list[str], s: GenerationSettings) -> torch.Tensor:
+    return encode_prompts(sd, texts, s.clip_skip, s.long_prompts, s.prompt_syntax, s.emphasis)
+
+
+def _padded_to_longest(sd: StableDiffusion, contexts: list[torch.Tensor], s: GenerationSettings) -> list[torch.Tensor]:
+    """Contexts for the same N images made equally long (they are batched in one UNet call), the
+    shorter ones lengthened with the empty prompt's chunks, as AUTOMATIC1111 does."""
+    length = max(c.shape[1] for c in contexts)
+    if all(c.shape[1] == length for c in contexts):
+        return contexts
+    empty = _encode(sd, [""] * contexts[0].shape[0], s)  # (N, 77, C)
+    return [torch.cat([c, empty.repeat(1, (length - c.shape[1]) // CONTEXT_LENGTH, 1)], dim=1) for c in contexts]
 
 
 @dataclass
@@ -352,16 +357,11 @@ def _composed(sd: StableDiffusion, prompts: list[str], negatives: list[str], s: 
         raise ValueError("prompt: AND together with prompt editing ([from:to:when], [a|b]) is not supported yet")
     k = max(len(p) for p in parts)
     parts = [p + [(p[0][0], 0.0)] * (k - len(p)) for p in parts]  # weight 0: a part that adds nothing
-    encoded = [encode_prompt(sd, [p[i][0] for p in parts], negatives, s) for i in range(k)]
-    length = max(c.shape[1] for pair in encoded for c in pair)
-    empty = encode_prompts(sd, [""] * len(prompts), s.clip_skip, s.long_prompts, s.prompt_syntax, s.emphasis)
-
-    def padded(c: torch.Tensor) -> torch.Tensor:  # to the longest, with the empty prompt's chunks
-        extra = (length - c.shape[1]) // CONTEXT_LENGTH
-        return torch.cat([c, empty.repeat(1, extra, 1)], dim=1).repeat_interleave(s.num_images, dim=0)
-
+    conds = [_encode(sd, [p[i][0] for p in parts], s) for i in range(k)]
+    *conds, uncond = (c.repeat_interleave(s.num_images, dim=0)
+                      for c in _padded_to_longest(sd, [*conds, _encode(sd, negatives, s)], s))
     weights = torch.tensor([[p[i][1] for p in parts] for i in range(k)]).repeat_interleave(s.num_images, dim=1)
-    return [padded(cond) for cond, _ in encoded], weights, padded(encoded[0][1])
+    return conds, weights, uncond
 
 
 def _model(sd: StableDiffusion, run: _Run, s: GenerationSettings, condition: torch.Tensor | None = None):

@@ -1,7 +1,6 @@
 """`sd_scratch.load` reads both official layouts to the same tensors, matches the references, and
 fails loudly on every safety and fidelity case of the official files."""
 import copy
-import json
 import sys
 import types
 import warnings

@@ -15,8 +15,6 @@ from ..tokenizer import END_OF_TEXT
 OPENCLIP_PAD_ID = 0  # OpenCLIP's tokenizer pads the 77-id row with 0 after the end token (SD v1's CLIP pads with 49407)
 SD2_HEAD_DIM = 64  # v2-inference.yaml `num_head_channels: 64`: SD 2.x's UNet heads are 64 wide (5/10/20/20 of them)
 
-SD1_CONTEXT_DIM = 768  # CLIP ViT-L/14's width, the UNet's cross-attention input in SD v1
-SD2_CONTEXT_DIM = 1024  # OpenCLIP ViT-H/14's, in SD 2.x
 LATENT_CHANNELS = 4  # SD's latent; the inpainting UNet adds 1 (mask) + 4 (masked image's latent)
 INPAINT_CHANNELS = LATENT_CHANNELS + 1 + LATENT_CHANNELS
 

@@ -144,23 +144,25 @@ def openclip_to_ours(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torc
     """An OpenCLIP text tower (keys without `cond_stage_model.model.`) in our names: the fused
     `in_proj` of each block split into q, k and v (each a third of its rows)."""
     whole = {original: ours for ours, original in OPENCLIP_WHOLE_KEYS}
+    rules = openclip_rules(layers)
     out, rest = {}, {}
     for key, tensor in sd.items():
         if key in whole:
             out[whole[key]] = tensor
         elif key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
             block, _, kind = key.rpartition(".attn.in_proj_")  # kind: "weight" or "bias"
-            ours_block = rename(block + ".", openclip_rules(layers), "ours")[0]
+            ours_block = rename(block + ".", rules, "ours")[0]
             for name, part in zip(QKV, tensor.chunk(3, dim=0)):
                 out[f"{ours_block}self_attn.{name}.{kind}"] = part
         else:
             rest[key] = tensor
-    return out | convert(rest, openclip_rules(layers), "ours")
+    return out | convert(rest, rules, "ours")
 
 
 def ours_to_openclip(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """The inverse of `openclip_to_ours`: q, k and v stacked back into each block's `in_proj`."""
     whole = dict(OPENCLIP_WHOLE_KEYS)
+    rules = openclip_rules(layers)
     out, rest = {}, {}
     for key, tensor in sd.items():
         head, dot, tail = key.partition(".self_attn.")
@@ -169,11 +171,11 @@ def ours_to_openclip(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torc
             out[whole[key]] = tensor
         elif dot and name in QKV:
             if name == QKV[0]:
-                block = rename(head + ".", openclip_rules(layers), "original")[0]
+                block = rename(head + ".", rules, "original")[0]
                 out[f"{block}attn.in_proj_{kind}"] = torch.cat([sd[f"{head}.self_attn.{n}.{kind}"] for n in QKV])
         else:
             rest[key] = tensor
-    return out | convert(rest, openclip_rules(layers), "original")
+    return out | convert(rest, rules, "original")
 
 
 def convert(sd: dict[str, torch.Tensor], rules: list[Rule], to: str) -> dict[str, torch.Tensor]:
