@@ -158,7 +158,7 @@ class StableDiffusion:
         if prompts is None or not all(isinstance(p, str) for p in prompts):
             return pipeline(self, prompt, *args, **kwargs)  # the pipeline names what is wrong
         stripped, tags = zip(*(lora.prompt_tags(p) for p in prompts))
-        by_name = {t.name: t for ts in tags for t in reversed(ts)}  # each LoRA once, its first tag's multipliers
+        by_name = {t.name: t for t in reversed([t for ts in tags for t in ts])}  # each LoRA once, its first tag's
         with lora.applied_for_a_run(self, list(by_name.values()), lora_dir):
             images = pipeline(self, stripped[0] if isinstance(prompt, str) else list(stripped), *args, **kwargs)
         per_image = len(images) // len(prompts)

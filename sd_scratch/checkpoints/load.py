@@ -1,4 +1,4 @@
-"""One entry point, `load(path)`, for every official SD v1 file layout; and the writer of a single file.
+"""One entry point, `load(path)`, for every official SD v1 and 2.x file layout; and the writer of a single file.
 
 The three parts of `000 · Stable Diffusion原理` (text encoder, UNet, VAE) arrive in one of two layouts:
 
@@ -35,8 +35,8 @@ from .families import (Family, Signature, UnknownFamily, candidates, family_of, 
                        single_file_signature)
 from .files import CheckpointError, read_checkpoint, read_sharded
 from .rules import (EMA_PREFIX, OPENCLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Rule, convert, ema_key,
-                    openclip_key_is_known, openclip_to_ours, original_unet_shape, original_vae_shape, ours_to_openclip, rename, unet_rules,
-                    vae_rules)
+                    openclip_key_is_known, openclip_to_ours, original_unet_shape, original_vae_shape,
+                    ours_to_openclip, rename, unet_rules, vae_rules)
 
 log = logging.getLogger("sd_scratch")
 
