@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from sd_scratch.checkpoints.files import (
     CheckpointError,
     read_checkpoint,
+    read_object,
     read_sharded,
     read_state_dict,
     sniff_format,
@@ -100,6 +101,18 @@ def test_format_is_sniffed_from_bytes_not_name(tmp_path):
     assert_same(read_state_dict(path), weights)
 
 
+def test_a_pickled_parameter_dict_is_read_as_a_dict_of_plain_tensors(tmp_path):
+    vectors = torch.randn(2, 32)
+    path = tmp_path / "old-embedding.pt"
+    torch.save({"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors.clone())}), "step": 7},
+               path)  # zip format: torch's older one also pickles a module's source code, refused as code
+    obj = read_object(path)
+    assert obj["step"] == 7 and list(obj["string_to_param"]) == ["*"]
+    tensor = obj["string_to_param"]["*"]
+    assert type(tensor) is torch.Tensor and not tensor.requires_grad
+    assert torch.equal(tensor, vectors)
+
+
 # ---- pickles that try to run code -----------------------------------------------------------------
 
 class RunsShellCommand:
@@ -133,6 +146,17 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, file_name, paylo
     message = str(info.value)
     assert file_name in message
     assert f"references `{global_name}` which is not allowed" in message
+    assert not marker.exists()
+
+
+def test_a_parameter_dict_carrying_a_payload_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.zeros(1, 4))})
+    params.smuggled = RunsShellCommand(marker)  # pickled with the module's state
+    path = tmp_path / "style.pt"
+    torch.save({"string_to_param": params}, path)
+    with pytest.raises(CheckpointError, match=r"style\.pt.*not allowed"):
+        read_object(path)
     assert not marker.exists()
 
 

@@ -22,6 +22,10 @@ def vectors(n: int, seed: int = 0) -> torch.Tensor:
 def write(fmt: str, v: torch.Tensor, path):
     if fmt == "a1111":
         torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": v}, "name": "x", "step": 1000}, path)
+    elif fmt == "a1111-old":  # what A1111 saved in 2022: the vectors inside a pickled nn.ParameterDict
+        params = torch.nn.ParameterDict({"*": torch.nn.Parameter(v.clone())})
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": params, "name": "x", "step": 1000,
+                    "sd_checkpoint": "81761151", "sd_checkpoint_name": "v1-5-pruned-emaonly"}, path)
     elif fmt == "kohya":
         save_file({"emb_params": v}, str(path))
     else:  # diffusers' learned_embeds
@@ -45,10 +49,11 @@ def reference_hidden_states(tiny_models, tokenizer_folder, v, token, prompt):
         return pipe.text_encoder(ids).last_hidden_state
 
 
-@pytest.mark.parametrize("fmt,n", [("a1111", 1), ("a1111", 3), ("kohya", 2), ("diffusers", 1), ("diffusers", 4)])
+@pytest.mark.parametrize("fmt,n", [("a1111", 1), ("a1111", 3), ("a1111-old", 1), ("a1111-old", 2), ("kohya", 2),
+                                   ("diffusers", 1), ("diffusers", 4)])
 def test_an_embedding_file_gives_diffusers_text_encoding(fmt, n, tiny_models, tiny_checkpoint, tmp_path):
     v = vectors(n, seed=n)
-    path = write(fmt, v, tmp_path / ("cat-toy.pt" if fmt == "a1111" else "cat-toy.safetensors"))
+    path = write(fmt, v, tmp_path / ("cat-toy.pt" if fmt.startswith("a1111") else "cat-toy.safetensors"))
     ours = sd_scratch.load(tiny_checkpoint["folder"])
     word = ours.load_textual_inversion(path, token="<cat-toy>")
     prompt = PROMPT.format(word)
@@ -91,5 +96,17 @@ def test_a_hostile_pickle_named_pt_runs_nothing(tiny_checkpoint, tmp_path, monke
     path.write_bytes(pickle.dumps({"string_to_param": {"*": _Payload()}}))
     ours = sd_scratch.load(tiny_checkpoint["folder"])
     with pytest.raises(CheckpointError, match="style.pt"):
+        ours.load_textual_inversion(path)
+    assert not (tmp_path / "ran-code").exists()
+
+
+def test_a_hostile_pickle_inside_an_old_parameter_dict_runs_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors(1))})
+    params.smuggled = _Payload()  # pickled with the module's state, past the file-format check
+    path = tmp_path / "old-style.pt"
+    torch.save({"string_to_param": params}, path)
+    ours = sd_scratch.load(tiny_checkpoint["folder"])
+    with pytest.raises(CheckpointError, match=r"old-style\.pt: its pickle references `\w+\.system` which is not allowed"):
         ours.load_textual_inversion(path)
     assert not (tmp_path / "ran-code").exists()

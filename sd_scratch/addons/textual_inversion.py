@@ -7,7 +7,8 @@ rule) or the one given. In a prompt the word's own token ids are replaced by n p
 the vocabulary, which the text encoder looks up in its `extra_vectors`.
 
 Formats read (safely; pickles weights-only):
-- AUTOMATIC1111 `.pt`: {"string_to_param": {"*": (n, width)}, "string_to_token": ..., "name", "step"}
+- AUTOMATIC1111 `.pt`: {"string_to_param": {"*": (n, width)}, "string_to_token": ..., "name", "step"};
+  older ones pickle an `nn.ParameterDict` there, which `checkpoints/files.py` reads as a plain dict
 - kohya `.safetensors`: {"emb_params": (n, width)}
 - diffusers `learned_embeds.bin`/`.safetensors`: {"<token>": (width,) or (n, width)}, and any other
   file of a single tensor.

@@ -12,7 +12,9 @@ any function the file names (``os.system``, ``exec``...). So:
 * safetensors files are plain JSON header + raw bytes and are read with the ``safetensors`` library;
 * pickles are opened only with ``torch.load(weights_only=True)``, whose unpickler builds tensors and
   containers and refuses every other global; the one class official SD ``.ckpt`` files name
-  (a PyTorch Lightning callback) is replaced by an empty stand-in for the duration of the load.
+  (a PyTorch Lightning callback) is replaced by an empty stand-in for the duration of the load, and
+  an ``nn.ParameterDict`` (old AUTOMATIC1111 embeddings pickle one) is read as the plain dict of its
+  tensors, no module built.
 
 Every failure is a ``CheckpointError`` whose message names the file and the cause in one sentence.
 """
@@ -125,7 +127,19 @@ def _stub(qualified_name: str) -> tuple[type, str]:
     return stand_in, qualified_name
 
 
-_STUBS = [_stub(name) for name in STUBBED_CLASSES]
+class _ParameterDictContents(dict):
+    """What a pickled ``torch.nn.ParameterDict`` is read as: ``{name: tensor}``, its parameters as
+    plain tensors. The module's pickled state (its ``_parameters``, empty hook tables...) was built by
+    the weights-only unpickler like any other container; only ``_parameters`` is kept."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.update((name, p.detach()) for name, p in state.get("_parameters", {}).items())
+
+
+# Containers some files pickle whole, read as plain data instead of the class they name.
+READ_AS_PLAIN = ((_ParameterDictContents, "torch.nn.modules.container.ParameterDict"),)
+
+_STUBS = [_stub(name) for name in STUBBED_CLASSES] + list(READ_AS_PLAIN)
 
 
 def _torch_load(path: Path, fmt: str) -> object:
