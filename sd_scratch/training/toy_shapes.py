@@ -86,21 +86,79 @@ def held_out_scenes() -> list[Scene]:
 
 def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
     """Draw `scene` as a 64×64 RGB image; `rng` jitters the centre by up to ±JITTER pixels."""
-    k = SUPERSAMPLE
-    image = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), BACKGROUNDS[scene.background])
     cx, cy = POSITIONS[scene.position]
     if rng is not None:
         cx, cy = cx + rng.randint(-JITTER, JITTER), cy + rng.randint(-JITTER, JITTER)
-    half = SIZES[scene.size] / 2
-    box = [(cx - half) * k, (cy - half) * k, (cx + half) * k, (cy + half) * k]
-    draw, fill = ImageDraw.Draw(image), COLORS[scene.color]
-    if scene.shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif scene.shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:  # an upright triangle: apex at the top centre, base along the bottom of the box
-        draw.polygon([(cx * k, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
-    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+    thing = Thing(scene.size, scene.color, scene.shape, (cx, cy))
+    return draw(Picture(scene.background, (thing,))).image
+
+
+# ---- pictures of several things, with their depth and edge maps -----------------------------------
+
+@dataclass(frozen=True)
+class Thing:
+    """One shape: its size and colour words, and where its centre is, in pixels of the 64×64 image."""
+    size: str
+    color: str
+    shape: str
+    center: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A background and the things on it, drawn back to front: the last one is in front."""
+    background: str
+    things: tuple[Thing, ...]
+
+
+@dataclass
+class Drawing:
+    image: Image.Image
+    depth: np.ndarray  # (64, 64) float32 in [0, 1]: nearness (MiDaS' relative inverse depth), 0 = background
+    edges: np.ndarray  # (64, 64) bool: where a pixel's neighbour belongs to another thing or the background
+    owner: np.ndarray  # (64, 64) int: 0 for the background, k for things[k - 1]
+
+
+# Nearness of each thing in the depth map: a lone thing, or the back and front of an overlapping pair.
+# The background is 0 (farthest); the depth-to-image pipeline normalises every map to [-1, 1] anyway.
+NEARNESS_ALONE, NEARNESS_BACK, NEARNESS_FRONT = 0.8, 0.6, 1.0
+
+
+def _overlaps(a: Thing, b: Thing) -> bool:
+    reach = (SIZES[a.size] + SIZES[b.size]) / 2
+    return abs(a.center[0] - b.center[0]) < reach and abs(a.center[1] - b.center[1]) < reach
+
+
+def draw(picture: Picture) -> Drawing:
+    """Draw `picture` at SUPERSAMPLE× and box-filter it down; the owner map says which thing (or the
+    background) covers each pixel's centre, and the depth and edge maps are read off it."""
+    k, size = SUPERSAMPLE, IMAGE_SIZE * SUPERSAMPLE
+    image = Image.new("RGB", (size, size), BACKGROUNDS[picture.background])
+    owner = Image.new("L", (size, size), 0)
+    painters = ImageDraw.Draw(image), ImageDraw.Draw(owner)
+    for index, thing in enumerate(picture.things, start=1):
+        cx, cy = thing.center
+        half = SIZES[thing.size] / 2
+        box = [(cx - half) * k, (cy - half) * k, (cx + half) * k, (cy + half) * k]
+        for painter, fill in zip(painters, (COLORS[thing.color], index)):
+            if thing.shape == "circle":
+                painter.ellipse(box, fill=fill)
+            elif thing.shape == "square":
+                painter.rectangle(box, fill=fill)
+            else:  # an upright triangle: apex at the top centre, base along the bottom of the box
+                painter.polygon([(cx * k, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    owners = np.asarray(owner)[k // 2::k, k // 2::k].astype(np.int64)  # the owner at each pixel's centre
+    nearness = np.zeros(len(picture.things) + 1, dtype=np.float32)
+    for index, thing in enumerate(picture.things, start=1):
+        others = [t for t in picture.things if t is not thing and _overlaps(t, thing)]
+        nearness[index] = NEARNESS_ALONE if not others else (NEARNESS_FRONT if index == len(picture.things)
+                                                             else NEARNESS_BACK)
+    edges = np.zeros_like(owners, dtype=bool)
+    edges[:, 1:] |= owners[:, 1:] != owners[:, :-1]
+    edges[:, :-1] |= owners[:, 1:] != owners[:, :-1]
+    edges[1:] |= owners[1:] != owners[:-1]
+    edges[:-1] |= owners[1:] != owners[:-1]
+    return Drawing(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), nearness[owners], edges, owners)
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -171,3 +229,77 @@ def analyse(image: Image.Image) -> Analysis:
     else:
         shape = "circle"
     return Analysis(color, background, position, shape)
+
+
+@dataclass
+class Found:
+    color: str
+    shape: str
+    center: tuple[float, float]  # centroid in pixels
+    pixels: int
+
+
+# A colour counts as a thing when at least this many foreground pixels are nearest to it: a small
+# circle has about 300, a half-hidden one over 100, and the blended rim between two shapes a few dozen.
+MIN_THING_PIXELS = 60
+
+
+def _shape_of(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    fill = mask.sum() / ((bottom - top) * (right - left))
+    bottom_share = (ys + 0.5 > (top + bottom) / 2).mean()
+    if bottom_share >= TRIANGLE_MIN_BOTTOM_SHARE or fill < CIRCLE_MIN_FILL:
+        return "triangle"
+    return "square" if fill >= SQUARE_MIN_FILL else "circle"
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (a flood fill from each unvisited pixel)."""
+    seen, best = np.zeros_like(mask), np.zeros_like(mask)
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        region, todo = [], [start]
+        seen[start] = True
+        while todo:
+            y, x = todo.pop()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    todo.append((ny, nx))
+        if len(region) > best.sum():
+            best = np.zeros_like(mask)
+            best[tuple(np.array(region).T)] = True
+    return best
+
+
+def analyse_things(image: Image.Image, most: int = 2) -> tuple[str, list[Found]]:
+    """The background and up to `most` things, largest first: each foreground pixel goes to its
+    nearest palette colour, and a colour whose largest connected region has MIN_THING_PIXELS or
+    more is a thing (the region, not every pixel of that colour: the blended rims of other shapes
+    are scattered). A thing half hidden behind another reads back with the shape of what is left of it."""
+    pixels = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32)
+    background = analyse(image).background
+    foreground = np.linalg.norm(pixels - np.asarray(BACKGROUNDS[background], np.float32), axis=-1) > FOREGROUND_DISTANCE
+    palette = np.asarray(list(COLORS.values()), dtype=np.float32)
+    nearest = np.linalg.norm(pixels[:, :, None] - palette[None, None], axis=-1).argmin(-1)
+    found = []
+    for index, name in enumerate(COLORS):
+        mask = foreground & (nearest == index)
+        if mask.sum() < MIN_THING_PIXELS:
+            continue
+        mask = largest_component(mask)
+        if mask.sum() >= MIN_THING_PIXELS:
+            ys, xs = np.nonzero(mask)
+            found.append(Found(name, _shape_of(mask), (xs.mean(), ys.mean()), int(mask.sum())))
+    return background, sorted(found, key=lambda f: -f.pixels)[:most]
+
+
+def relation_of(a: Found, b: Found) -> str:
+    """Where a is with respect to b, by the larger offset of their centroids."""
+    dx, dy = a.center[0] - b.center[0], a.center[1] - b.center[1]
+    if abs(dy) >= abs(dx):
+        return "above" if dy < 0 else "below"
+    return "to the left of" if dx < 0 else "to the right of"
