@@ -11,10 +11,15 @@ decided when the function is built, one layer a kind:
           or Unguided(out_of, cond)                          cond, uncond: tensors, or a ContextSchedule
                                                              (prompt editing: the text changes by step)
     model  = AsEpsilon(guided, prediction_type)               (x, t, ᾱ_t) -> Prediction in ε
+    model  = ClassifierGuidance(model, log_prob, s)           optional: a classifier's gradient added
 
 Classifier-free guidance (`003`/`004 · CFG 值`, Ho & Salimans 2022): one UNet call on the batch
 [x; x] with the contexts [uncond; cond], then out = out_uncond + w·(out_cond − out_uncond),
 optionally rescaled towards out_cond's spread (Lin et al. 2023, §3.4, "guidance rescale").
+
+Classifier guidance (`004 · 分类器指引`, Dhariwal & Nichol 2021, their eq. 14 and Algorithm 2):
+a classifier of noisy latents gives log p(y | x_t); its gradient, scaled by s, is added to the
+score, which in ε form reads ε̂ = ε − s·√(1−ᾱ_t)·∇_x log p(y | x_t). It needs no text at all.
 
 v-prediction (SD 2.x 768-v; Salimans & Ho 2022): the UNet predicts v = √ᾱ ε − √(1−ᾱ) x₀ instead of
 ε; `eps_from_v` turns it into ε̂ = √(1−ᾱ) x_t + √ᾱ v, so every sampler, img2img, inpainting and
@@ -171,3 +176,21 @@ class AsEpsilon:
         uncond = None if p.eps_uncond is None else eps_from_v(x, p.eps_uncond, alpha_bar_t)
         x0 = alpha_bar_t**0.5 * x - (1 - alpha_bar_t) ** 0.5 * p.eps  # x̂₀ = √ᾱ x_t − √(1−ᾱ) v
         return Prediction(eps_from_v(x, p.eps, alpha_bar_t), eps_from_v(x, p.eps_cond, alpha_bar_t), uncond, x0)
+
+
+class ClassifierGuidance:
+    """ε̂ = ε − scale·√(1−ᾱ_t)·∇_x log p(y | x_t, t) (Dhariwal & Nichol 2021, eq. 14): the prediction
+    of `inner` pushed towards where `log_prob(x_t, t) -> (B,)` is higher. x̂₀ is dropped, so the
+    sampler derives it from the guided ε."""
+
+    def __init__(self, inner: Callable[[Tensor, Tensor, Tensor], Prediction],
+                 log_prob: Callable[[Tensor, Tensor], Tensor], scale: float):
+        self.inner, self.log_prob, self.scale = inner, log_prob, scale
+
+    def __call__(self, x: Tensor, t: Tensor, alpha_bar_t: Tensor) -> Prediction:
+        p = self.inner(x, t, alpha_bar_t)
+        with torch.enable_grad():
+            x_in = x.detach().float().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(self.log_prob(x_in, t.reshape(1)).sum(), x_in)  # (B, 4, h, w)
+        eps = p.eps - self.scale * (1 - alpha_bar_t) ** 0.5 * gradient.to(p.eps.dtype)
+        return Prediction(eps, p.eps_cond, p.eps_uncond)

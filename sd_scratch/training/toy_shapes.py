@@ -185,6 +185,7 @@ SQUARE_MIN_FILL = 0.88
 CIRCLE_MIN_FILL = 0.64
 # An upright triangle puts most of its pixels in the lower half of its box; a circle or square half.
 TRIANGLE_MIN_BOTTOM_SHARE = 0.62
+SIZE_CUT = (SIZES["small"] + SIZES["large"]) / 2  # a bounding box wider or taller than this is "large"
 
 
 @dataclass
@@ -193,6 +194,7 @@ class Analysis:
     background: str
     position: str | None
     shape: str | None
+    size: str | None = None
 
 
 def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
@@ -228,7 +230,8 @@ def analyse(image: Image.Image) -> Analysis:
         shape = "square"
     else:
         shape = "circle"
-    return Analysis(color, background, position, shape)
+    size = "large" if max(bottom - top, right - left) > SIZE_CUT else "small"
+    return Analysis(color, background, position, shape, size)
 
 
 @dataclass
