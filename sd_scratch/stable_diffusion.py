@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from . import pipelines
-from .addons import lora, textual_inversion
+from .addons import hypernetwork, lora, textual_inversion
 from .memory.vae_tiling import check_tile
 from .text_encoder import CLIPTextEncoder
 from .tokenizer import CLIPTokenizer
@@ -128,6 +128,17 @@ class StableDiffusion:
     def unload_lora(self) -> StableDiffusion:
         """Take every merged LoRA out again: the original weights, bit for bit."""
         lora.unload_lora(self)
+        return self
+
+    def load_hypernetwork(self, path, multiplier: float = 1.0) -> StableDiffusion:
+        """Apply an AUTOMATIC1111 hypernetwork file: small MLPs on the context that attention's keys
+        and values read, × multiplier; several apply one after another. See `addons/hypernetwork.py`."""
+        hypernetwork.load_hypernetwork(self, path, multiplier)
+        return self
+
+    def unload_hypernetwork(self) -> StableDiffusion:
+        """Take every hypernetwork off again: the model's own outputs, exactly."""
+        hypernetwork.unload_hypernetwork(self)
         return self
 
     def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = "",

@@ -17,6 +17,7 @@ those weights load with `load_state_dict(strict=True)`; the CompVis single-file 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -167,6 +168,9 @@ class Attention(nn.Module):
         context_dim = context_dim or dim
         self.heads, self.upcast = heads, upcast
         self.slice_size: int | None = None  # queries per slice (attention slicing); None = all at once
+        # context -> (what to_k reads, what to_v reads), e.g. a hypernetwork (addons/hypernetwork.py);
+        # None: both read the context. A plain callable, not a submodule: the state dict stays the checkpoint's.
+        self.kv_context: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -174,7 +178,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        context_k, context_v = (context, context) if self.kv_context is None else self.kv_context(context)
+        q, k, v = self.to_q(x), self.to_k(context_k), self.to_v(context_v)
         # (B, T, heads·d) -> (B, heads, T, d)
         q, k, v = (rearrange(a, "b t (h d) -> b h t d", h=self.heads) for a in (q, k, v))
         out = attention(q, k, v, self.slice_size, self.upcast)

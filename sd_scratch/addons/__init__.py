@@ -2,6 +2,7 @@
 
     lora.py               low-rank changes merged into the weights (kohya/A1111 files), and taken out again
     textual_inversion.py  new words as vectors in the text encoder's token-embedding space
+    hypernetwork.py       AUTOMATIC1111's hypernetworks: small MLPs on the context that attention's keys and values read
 
-They change a loaded model; `StableDiffusion.load_lora` is the way in. Skip on a first reading.
+They change a loaded model; `StableDiffusion.load_lora` (and its siblings) is the way in. Skip on a first reading.
 """
