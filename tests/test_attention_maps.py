@@ -78,6 +78,22 @@ def test_the_recomputed_probabilities_give_the_modules_own_output(unet):
 
 
 @torch.no_grad()
+def test_the_probabilities_use_the_keys_context_a_hypernetwork_gives(unet):
+    attn = next(m for m in unet.modules() if isinstance(m, TransformerBlock)).attn2
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 16, attn.to_q.in_features, generator=g)
+    context = torch.randn(1, TOKENS, attn.to_k.in_features, generator=g)
+    attn.kv_context = lambda c: (c + 1.0, c)  # keys read c + 1, values c
+    try:
+        p = attention_probs(attn, x, context)
+    finally:
+        attn.kv_context = None
+    q = rearrange(attn.to_q(x), "b t (h d) -> b h t d", h=attn.heads)
+    k = rearrange(attn.to_k(context + 1.0), "b t (h d) -> b h t d", h=attn.heads)
+    torch.testing.assert_close(p, (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1))
+
+
+@torch.no_grad()
 def test_recording_leaves_the_output_and_the_modules_as_they_were(unet):
     before = hook_counts(unet)
     expected = unet(*inputs())

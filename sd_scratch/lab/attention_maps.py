@@ -36,8 +36,9 @@ from ..unet import Attention, SpatialTransformer
 def attention_probs(attn: Attention, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/√d) of one `Attention` module, in float32: x (B, Tq, C), context (B, Tk, C_ctx)
     -> (B, heads, Tq, Tk). `attn` then outputs to_out(P·v), heads concatenated."""
+    context_k = context if attn.kv_context is None else attn.kv_context(context)[0]  # a hypernetwork's keys
     q = rearrange(attn.to_q(x), "b t (h d) -> b h t d", h=attn.heads).float()
-    k = rearrange(attn.to_k(context), "b t (h d) -> b h t d", h=attn.heads).float()
+    k = rearrange(attn.to_k(context_k), "b t (h d) -> b h t d", h=attn.heads).float()
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, heads, Tq, Tk)
     return scores.softmax(dim=-1)
 
