@@ -25,7 +25,7 @@ from .checkpoints.load import BUILTIN_MODEL, load
 from .guidance import PREDICTION_TYPES
 from .noise_schedule import SPACINGS
 from .prompts import LONG_PROMPT_MODES, SYNTAXES
-from .samplers import ALIASES, DEFAULT_SPACING, SAMPLERS
+from .samplers import A1111_NAMES, ALIASES, CONVENTIONS, DEFAULT_SPACING, KARRAS_SUFFIX, SAMPLERS, SIGMA_SAMPLERS
 from .stable_diffusion import DTYPES
 
 PROG = "sd-scratch"
@@ -77,8 +77,15 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--seed", type=_seed, default=0,
                    help=f"random seed, {RANDOM_SEED} for a random one (printed and recorded) (default: %(default)s)")
-    p.add_argument("--scheduler", choices=[*SAMPLERS, *ALIASES], default="ddim", help="sampler (default: %(default)s)")
+    a1111_names = [*A1111_NAMES.values(), *(A1111_NAMES[n] + KARRAS_SUFFIX for n in SIGMA_SAMPLERS)]
+    p.add_argument("--scheduler", choices=[*SAMPLERS, *ALIASES, *a1111_names], default="ddim", metavar="NAME",
+                   help=f"sampler: {', '.join([*SAMPLERS, *ALIASES])}, or AUTOMATIC1111's name ("
+                        f"{', '.join(repr(n) for n in a1111_names)}) (default: %(default)s)")
     p.add_argument("--karras", action="store_true", help="Karras et al.'s noise levels")
+    p.add_argument("--conventions", choices=CONVENTIONS, default="diffusers",
+                   help="diffusers: its schedulers' timesteps and one seed for the batch; a1111: AUTOMATIC1111's "
+                        "(k-diffusion's σ's, x = ε·σ_max, image k seeded with seed + k on the CPU), for Euler, "
+                        "Euler a and DPM++ 2M (default: %(default)s)")
     defaults = ", ".join(f"{name} {spacing}" for name, spacing in DEFAULT_SPACING.items())
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help=f"which timesteps the sampler visits (default: the sampler's own, as in diffusers: {defaults})")
@@ -144,13 +151,14 @@ def _run(args: argparse.Namespace) -> int:
     settings = dict(steps=args.steps, guidance_scale=args.guidance, seed=seed, scheduler=args.scheduler,
                     num_images=args.num_images, eta=args.eta, karras=args.karras, spacing=args.spacing,
                     guidance_rescale=args.guidance_rescale, zero_terminal_snr=args.zero_terminal_snr,
-                    clip_skip=args.clip_skip, long_prompts=args.long_prompts, prompt_syntax=args.prompt_syntax)
+                    clip_skip=args.clip_skip, long_prompts=args.long_prompts, prompt_syntax=args.prompt_syntax,
+                    conventions=args.conventions)
     _check_device(args.device)
     # Everything but the image size is checked before the (slow) load; height and width must divide
     # by the VAE's factor, which only the loaded model knows.
     pipelines.GenerationSettings(**settings).check(factor=1)
     if args.command != "txt2img":
-        pipelines.check_strength(args.strength, args.steps)
+        pipelines.check_strength(args.strength, args.steps, args.conventions)
 
     sd = load(args.checkpoint, device=args.device, dtype=args.dtype, prediction_type=args.prediction_type)
     if args.fast:
@@ -189,7 +197,7 @@ def _settings_from_png(args: argparse.Namespace) -> None:
     to_args = {"steps": "steps", "guidance_scale": "guidance", "seed": "seed", "scheduler": "scheduler",
                "karras": "karras", "num_images": "num_images", "eta": "eta", "spacing": "spacing",
                "guidance_rescale": "guidance_rescale", "zero_terminal_snr": "zero_terminal_snr",
-               "clip_skip": "clip_skip", "width": "width", "height": "height"}
+               "clip_skip": "clip_skip", "width": "width", "height": "height", "conventions": "conventions"}
     for name, value in recorded.settings.items():
         setattr(args, to_args[name], value)
     if recorded.strength is not None and hasattr(args, "strength"):

@@ -20,8 +20,12 @@ UNet by conditioning on the mask and the masked image's latent, with an ordinary
 
 Seeds work as in other SD tools: all random draws come from one `torch.Generator("cpu")` seeded
 with `seed`, in diffusers' order (VAE posterior sample, initial noise, ancestral noise), so a seed
-gives diffusers' picture on any device. Every returned image carries its settings, the seed
-included, in `image.info["parameters"]` (AUTOMATIC1111's text, as the CLI writes it into the PNG).
+gives diffusers' picture on any device. With conventions="a1111" they work as in AUTOMATIC1111 with
+its RNG source "CPU": image k of the batch has its own generator, seeded with seed + k, which draws
+its initial noise and then its ancestral noise, so each image can be made again alone from its own
+seed; the σ's and the start x = ε σ_max are k-diffusion's (`noise_schedule.a1111_schedule`). Every
+returned image carries its settings, its seed included, in `image.info["parameters"]`
+(AUTOMATIC1111's text, as the CLI writes it into the PNG).
 """
 from __future__ import annotations
 
@@ -39,19 +43,19 @@ from tqdm import tqdm
 from .guidance import (AsEpsilon, ClassifierFreeGuidance, ComposedGuidance, ConcatCondition, Context, ContextSchedule,
                        UNetCall, Unguided)
 from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
-from .noise_schedule import SPACINGS, draw_noise
+from .noise_schedule import SPACINGS, RandomSource, draw_noise
 from .prompts import (EMPHASES, LONG_PROMPT_MODES, SYNTAXES, as_prompt_list, encode_prompts, prompt_schedule,
                       split_and)
-from .samplers import ALIASES, DEFAULT_SPACING, SAMPLERS, Sampler, make_sampler, sampler_name
+from .samplers import (A1111_NAMES, CONVENTIONS, DEFAULT_SPACING, SIGMA_SAMPLERS, Sampler, make_sampler,
+                       parse_sampler_name)
 from .tokenizer import CONTEXT_LENGTH
 
 if TYPE_CHECKING:
     from .guidance import Prediction
     from .stable_diffusion import StableDiffusion
 
-# Our sampler names -> the names AUTOMATIC1111 writes in "Sampler:".
-A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
-                       "dpmpp_2m": "DPM++ 2M"}
+# AUTOMATIC1111's img2img runs int(min(strength, 0.999) · steps) + 1 steps (`sd_samplers_common.setup_img2img_steps`).
+A1111_MAX_STRENGTH = 0.999
 
 
 @dataclass
@@ -76,7 +80,7 @@ class GenerationSettings:
     steps: int = 50
     guidance_scale: float = 7.5
     seed: int | None = 0
-    scheduler: str = "ddim"
+    scheduler: str = "ddim"  # ours (samplers.SAMPLERS), an alias, or A1111's name ("Euler a", "DPM++ 2M Karras")
     num_images: int = 1
     eta: float = 0.0
     karras: bool = False
@@ -87,6 +91,7 @@ class GenerationSettings:
     long_prompts: str = "truncate"
     prompt_syntax: str = "a1111"  # AUTOMATIC1111's (word:1.2), [word], BREAK; "plain": the text as it is
     emphasis: str = "original"  # A1111's "Original" (weights, then the mean restored) or "no_norm"
+    conventions: str = "diffusers"  # or "a1111": AUTOMATIC1111's σ's, start and per-image seeds (samplers.CONVENTIONS)
 
     def check(self, factor: int) -> None:
         """`factor`: the VAE's downsampling factor (8 for SD), which height and width must divide."""
@@ -101,10 +106,11 @@ class GenerationSettings:
         if not isinstance(self.num_images, int) or self.num_images < 1:
             raise ValueError(f"num_images must be an integer ≥ 1, got {self.num_images!r}")
         try:
-            sampler_name(self.scheduler)
-        except ValueError:
-            raise ValueError(f"scheduler must be one of {', '.join([*SAMPLERS, *ALIASES])}, "
-                             f"got {self.scheduler!r}") from None
+            parse_sampler_name(self.scheduler)
+        except ValueError as err:
+            raise ValueError(f"scheduler: {err}") from None
+        if self.conventions not in CONVENTIONS:
+            raise ValueError(f"conventions must be one of {', '.join(CONVENTIONS)}, got {self.conventions!r}")
         if self.spacing is not None and self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)} or None, got {self.spacing!r}")
         if not self.eta >= 0:
@@ -119,6 +125,7 @@ class GenerationSettings:
             raise ValueError(f"emphasis must be one of {EMPHASES}, got {self.emphasis!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        self.sampler()  # the sampler's own checks: karras, eta, spacing and conventions together
 
     @property
     def guided(self) -> bool:
@@ -129,19 +136,26 @@ class GenerationSettings:
 
     def sampler(self) -> Sampler:
         return make_sampler(self.scheduler, self.steps, spacing=self.spacing, karras=self.karras, eta=self.eta,
-                            zero_terminal_snr=self.zero_terminal_snr)
+                            zero_terminal_snr=self.zero_terminal_snr, conventions=self.conventions)
 
 
 def parameters_text(prompt: str, negative_prompt: str, s: GenerationSettings, size: tuple[int, int], model: str,
-                    strength: float | None = None) -> str:
+                    strength: float | None = None, index: int = 0) -> str:
     """The settings as AUTOMATIC1111 writes them into a PNG's `parameters` chunk: the prompt,
     `Negative prompt: ...` (when there is one), then one line of `Key: value` pairs. A1111 counts
     clip skip from 1 (1 = the last layer). The spacing is written only when it is not the sampler's
-    default (A1111 has no such key)."""
-    name = sampler_name(s.scheduler)
-    fields = {"Steps": s.steps, "Sampler": A1111_SAMPLER_NAMES[name] + (" Karras" if s.karras else ""),
-              "CFG scale": s.guidance_scale, "Seed": s.seed, "Size": f"{size[0]}x{size[1]}", "Model": model}
-    if s.num_images > 1:
+    default (A1111 has no such key). `index`: the image's place in the batch; with A1111's
+    conventions each image has its own seed, seed + index, and the text says "RNG: CPU" (A1111's
+    key for noise from CPU generators) and the schedule type apart, as A1111 ≥ 1.9 writes them."""
+    name, named_karras = parse_sampler_name(s.scheduler)
+    karras = s.karras or named_karras
+    a1111 = s.conventions == "a1111"
+    fields = {"Steps": s.steps, "Sampler": A1111_NAMES[name] + (" Karras" if karras and not a1111 else "")}
+    if a1111:
+        fields["Schedule type"] = "Karras" if karras else "Uniform"
+    fields |= {"CFG scale": s.guidance_scale, "Seed": s.seed + index if a1111 else s.seed,
+               "Size": f"{size[0]}x{size[1]}", "Model": model}
+    if s.num_images > 1 and not a1111:
         fields["Batch size"] = s.num_images  # one seed: the whole batch comes from one generator
     if strength is not None:
         fields["Denoising strength"] = strength
@@ -155,6 +169,8 @@ def parameters_text(prompt: str, negative_prompt: str, s: GenerationSettings, si
         fields["CFG rescale"] = s.guidance_rescale
     if s.zero_terminal_snr:
         fields["Zero terminal SNR"] = True
+    if a1111:
+        fields["RNG"] = "CPU"
     lines = [prompt, f"Negative prompt: {negative_prompt}" if negative_prompt else None,
              ", ".join(f"{key}: {value}" for key, value in fields.items())]
     return "\n".join(line for line in lines if line is not None)
@@ -163,10 +179,14 @@ def parameters_text(prompt: str, negative_prompt: str, s: GenerationSettings, si
 # The fields of an AUTOMATIC1111 `parameters` text's last line: `Key: value` pairs, a value in
 # double quotes where it holds commas.
 _FIELD = re.compile(r'\s*([^:,]+?):\s*("(?:\\.|[^"\\])*"|[^,]*)\s*(?:,|$)')
-# The A1111 sampler names our samplers answer to (A1111 ≥ 1.9 writes the schedule apart, "Schedule type").
-FROM_A1111_SAMPLER = {name: ours for ours, name in A1111_SAMPLER_NAMES.items()}
 # Recorded for the record only: what a picture was made with that these settings do not choose.
 INFORMATIONAL = ("Model", "Model hash", "Version", "VAE", "VAE hash", "Lora hashes", "TI hashes")
+# Keys that AUTOMATIC1111 writes and sd-scratch under diffusers' conventions never does: a text with
+# one of them was sampled with A1111's conventions.
+A1111_KEYS = ("Version", "Model hash", "RNG")
+# The samplers whose "Schedule type: Automatic" is Karras (A1111 ≥ 1.9: DPM++ 2M's options say
+# 'scheduler': 'karras'); for the others it is k-diffusion's uniform σ's.
+AUTOMATIC_KARRAS = ("dpmpp_2m",)
 
 
 @dataclass
@@ -182,7 +202,9 @@ class PngParameters:
 
 def read_parameters(text: str) -> PngParameters:
     """Read an AUTOMATIC1111 `parameters` text (as `parameters_text` and A1111 write it) into our
-    settings. Fields that name something we do not have are listed in `not_honoured`, not dropped silently."""
+    settings. Fields that name something we do not have are listed in `not_honoured`, not dropped silently.
+    A text that A1111 wrote (one of A1111_KEYS) selects conventions="a1111" where the sampler has
+    them; noise that A1111 drew on a GPU (no "RNG: CPU") is listed as not honoured."""
     lines = text.strip("\n").split("\n")
     last = lines[-1] if lines and _FIELD.match(lines[-1]) and "Steps:" in lines[-1] else ""
     body = lines[:-1] if last else lines
@@ -192,19 +214,30 @@ def read_parameters(text: str) -> PngParameters:
     fields = {m.group(1).strip(): m.group(2).strip().strip('"') for m in _FIELD.finditer(last) if m.group(1).strip()}
     out = PngParameters(prompt, negative, {})
     s = out.settings
+    from_a1111 = any(key in fields for key in A1111_KEYS)
     sampler = fields.pop("Sampler", None)
     schedule = fields.pop("Schedule type", None)
+    rng = fields.pop("RNG", "GPU")  # A1111 writes the key for the other sources only
     if sampler is not None:
-        name, karras = (sampler[: -len(" Karras")], True) if sampler.endswith(" Karras") else (sampler, False)
-        if name in FROM_A1111_SAMPLER:
-            s["scheduler"], s["karras"] = FROM_A1111_SAMPLER[name], karras
-        else:
-            out.not_honoured.append(f"Sampler: {sampler} (sd-scratch has {', '.join(FROM_A1111_SAMPLER)})")
+        try:
+            s["scheduler"], s["karras"] = parse_sampler_name(sampler)
+        except ValueError:
+            out.not_honoured.append(f"Sampler: {sampler} (sd-scratch has {', '.join(A1111_NAMES.values())})")
     if schedule is not None:
-        if schedule == "Karras":
-            s["karras"] = True
-        elif schedule not in ("Automatic", "Uniform"):
-            out.not_honoured.append(f"Schedule type: {schedule} (sd-scratch has Karras and the samplers' own)")
+        if schedule in ("Karras", "Uniform"):
+            s["karras"] = schedule == "Karras"
+        elif schedule == "Automatic":
+            s["karras"] = s.get("karras", False) or s.get("scheduler") in AUTOMATIC_KARRAS
+        else:
+            out.not_honoured.append(f"Schedule type: {schedule} (sd-scratch has Karras and Uniform)")
+    if from_a1111 and s.get("scheduler") in SIGMA_SAMPLERS:
+        s["conventions"] = "a1111"
+        if rng != "CPU":
+            out.not_honoured.append(f"RNG: {rng} (A1111's noise source for this picture; sd-scratch draws the noise "
+                                    "from CPU generators with the same seeds, as A1111's source CPU does)")
+    elif from_a1111 and sampler is not None and "scheduler" in s:
+        out.not_honoured.append(f"Sampler: {sampler} with A1111's conventions (sd-scratch has them for "
+                                f"{', '.join(A1111_NAMES[n] for n in SIGMA_SAMPLERS)}; diffusers' are used)")
     readers = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
                "Batch size": ("num_images", int), "Eta": ("eta", float), "Timestep spacing": ("spacing", str),
                "CFG rescale": ("guidance_rescale", float), "Zero terminal SNR": ("zero_terminal_snr", lambda v: v == "True"),
@@ -226,7 +259,7 @@ def read_parameters(text: str) -> PngParameters:
 # ---- the loop -------------------------------------------------------------------------------------
 
 def denoise(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Prediction], sampler: Sampler, x: torch.Tensor,
-            generator: torch.Generator, begin: int = 0, after_step: Callable | None = None,
+            generator: RandomSource, begin: int = 0, after_step: Callable | None = None,
             callback: Callable[[StepInfo], None] | None = None, progress: bool = True) -> torch.Tensor:
     """Run the sampler from timestep index `begin` to the end; return the final latent x_0.
     `model(x, t, ᾱ_t)` is the model function of `guidance.py`, conditioning and guidance included;
@@ -284,7 +317,8 @@ class _Run:
     negatives: list[str]
     cond: Context  # (B, T, C), or a ContextSchedule of them (prompt editing)
     uncond: Context | None  # the same for the negative prompts, or None without guidance
-    generator: torch.Generator
+    generator: RandomSource  # the images' noise: one generator, or one per image (A1111's conventions)
+    vae_generator: torch.Generator  # the VAE's posterior samples
     sampler: Sampler
     begin: int
     composed: tuple | None = None  # AND: (contexts, weights, uncond), see _composed
@@ -296,7 +330,7 @@ class _Run:
 
 def _start(sd: StableDiffusion, prompt, negative_prompt, s: GenerationSettings, strength: float = 1.0) -> _Run:
     s.check(sd.vae.config.factor)
-    first = check_strength(strength, s.steps)
+    first = check_strength(strength, s.steps, s.conventions)
     prompts = as_prompt_list(prompt, "prompt")
     negatives = as_prompt_list(negative_prompt, "negative_prompt")
     if len(negatives) == 1:
@@ -306,6 +340,11 @@ def _start(sd: StableDiffusion, prompt, negative_prompt, s: GenerationSettings, 
     if s.seed is None:
         s.seed = random.randrange(2**32)  # recorded in every image's parameters
     generator = torch.Generator("cpu").manual_seed(s.seed)
+    vae_generator = generator
+    if s.conventions == "a1111":
+        # A1111 draws the VAE's sample from torch's global generator, which its seeds do not fix.
+        vae_generator = torch.Generator("cpu").manual_seed(s.seed)
+        generator = [torch.Generator("cpu").manual_seed(s.seed + k) for k in range(len(prompts) * s.num_images)]
     sampler = s.sampler()
     begin = first * sampler.order
     sampler.start_at(begin)
@@ -316,7 +355,7 @@ def _start(sd: StableDiffusion, prompt, negative_prompt, s: GenerationSettings, 
         cond, uncond = composed[0][0], composed[2]
     repeat = [p for p in prompts for _ in range(s.num_images)]
     negatives = [p for p in negatives for _ in range(s.num_images)]
-    return _Run(repeat, negatives, cond, uncond, generator, sampler, begin, composed)
+    return _Run(repeat, negatives, cond, uncond, generator, vae_generator, sampler, begin, composed)
 
 
 def _contexts(sd: StableDiffusion, prompts: list[str], negatives: list[str] | None, s: GenerationSettings,
@@ -385,8 +424,8 @@ def _finish(sd: StableDiffusion, x: torch.Tensor, run: _Run, s: GenerationSettin
     """Decode, and put every image's settings (its seed included) into `image.info["parameters"]`,
     in AUTOMATIC1111's text, as the CLI writes them into the PNG."""
     images = decode(sd, x)
-    for image, prompt, negative in zip(images, run.prompts, run.negatives):
-        image.info["parameters"] = parameters_text(prompt, negative, s, image.size, sd.name, strength)
+    for k, (image, prompt, negative) in enumerate(zip(images, run.prompts, run.negatives)):
+        image.info["parameters"] = parameters_text(prompt, negative, s, image.size, sd.name, strength, index=k)
     return images
 
 
@@ -403,10 +442,13 @@ def _size_from_image(image: Image.Image, s: GenerationSettings, factor: int) -> 
     return height, width
 
 
-def check_strength(strength: float, steps: int) -> int:
-    """The index of the first step to run: strength 1 runs all `steps`, 0.5 the last half."""
+def check_strength(strength: float, steps: int, conventions: str = "diffusers") -> int:
+    """The index of the first step to run: strength 1 runs all `steps`, 0.5 the last half (diffusers:
+    int(steps · strength) of them). A1111's: int(min(strength, 0.999) · steps) + 1, so at least one."""
     if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    if conventions == "a1111":
+        return steps - int(min(strength, A1111_MAX_STRENGTH) * steps) - 1
     steps_run = min(int(steps * strength), steps)
     if steps_run < 1:
         raise ValueError(f"steps × strength must be ≥ 1 (got {steps} × {strength}); raise steps or strength")
@@ -419,7 +461,7 @@ def txt2img(sd: StableDiffusion, prompt: str | list[str], negative_prompt: str |
             **settings) -> list[Image.Image]:
     """Text to image. height/width default to the model family's native resolution (512 for SD v1,
     64 for the built-in model). `settings`: steps, guidance_scale, seed, scheduler, num_images, eta,
-    karras, spacing, clip_skip, long_prompts (see GenerationSettings)."""
+    karras, spacing, clip_skip, long_prompts, conventions (see GenerationSettings)."""
     s = GenerationSettings(height=height, width=width, **settings)
     run = _start(sd, prompt, negative_prompt, s)
     s.height, s.width = s.height or sd.native_resolution, s.width or sd.native_resolution
@@ -439,7 +481,7 @@ def img2img(sd: StableDiffusion, prompt: str | list[str], image, negative_prompt
     image = open_image(image, "image")
     run = _start(sd, prompt, negative_prompt, s, strength)
     s.height, s.width = _size_from_image(image, s, sd.vae.config.factor)
-    x0 = encode(sd, image_to_tensor(image, s.height, s.width), run.generator).repeat(run.batch, 1, 1, 1)
+    x0 = encode(sd, image_to_tensor(image, s.height, s.width), run.vae_generator).repeat(run.batch, 1, 1, 1)
     x = run.sampler.add_noise(x0, _noise(x0.shape, run, sd), run.begin)
     x = denoise(_model(sd, run, s), run.sampler, x, run.generator, begin=run.begin, callback=callback,
                 progress=progress)
@@ -454,6 +496,9 @@ def inpaint(sd: StableDiffusion, prompt: str | list[str], image, mask, negative_
     if sd.unet.config.in_channels not in (4, 9):
         raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {sd.unet.config.in_channels}")
     s = GenerationSettings(height=height, width=width, **settings)
+    if s.conventions == "a1111":
+        raise ValueError("conventions='a1111' is for txt2img and img2img; inpainting follows diffusers' conventions "
+                         "(A1111 blends its mask into x̂₀ at every step, which is not reproduced here)")
     image, mask = open_image(image, "image"), open_image(mask, "mask")
     if mask.size != image.size:
         warnings.warn(f"mask is {mask.width}×{mask.height} but image is {image.width}×{image.height}; "
@@ -472,10 +517,10 @@ def inpaint(sd: StableDiffusion, prompt: str | list[str], image, mask, negative_
     # masked image's latent.
     known = None
     if not nine_channels or strength < 1:
-        known = encode(sd, pixels, run.generator).repeat(batch, 1, 1, 1)
+        known = encode(sd, pixels, run.vae_generator).repeat(batch, 1, 1, 1)
     noise = _noise(latent_shape, run, sd)
     x = noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(known, noise, run.begin)
-    masked_latent = encode(sd, pixels * (m < 0.5), run.generator).repeat(batch, 1, 1, 1)
+    masked_latent = encode(sd, pixels * (m < 0.5), run.vae_generator).repeat(batch, 1, 1, 1)
     m_latent = F.interpolate(m, size=latent_shape[-2:]).to(sd.device, sd.dtype).repeat(batch, 1, 1, 1)
 
     condition, after_step = None, None

@@ -12,7 +12,9 @@ trained on the alpha form, is fed `scale_model_input(x, i)` = x / √(σ²+1).
 
 Every sampler's `timesteps` and `sigmas` (chosen by `noise_schedule.schedule_for`) and steps equal
 those of diffusers' scheduler with SD v1.5's scheduler config (the tests check it), so both give the
-same image from the same noise. The loop:
+same image from the same noise. With conventions="a1111", Euler, Euler a and DPM++ 2M take the σ's
+and the start that AUTOMATIC1111 gives k-diffusion's samplers instead (`noise_schedule.a1111_schedule`),
+with the same step functions. The loop:
 
     x = noise * sampler.init_noise_sigma
     for i, t in enumerate(sampler.timesteps):
@@ -30,11 +32,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .noise_schedule import SPACINGS, TRAIN_STEPS, Schedule, add_noise, randn_like, schedule_for
+from .noise_schedule import (SPACINGS, TRAIN_STEPS, RandomSource, Schedule, a1111_schedule, add_noise, randn_like,
+                             schedule_for)
 
 SAMPLERS = ("ddpm", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m")
 ALIASES = {"plms": "pndm"}  # the original SD scripts call PNDM's multistep half "plms"
 SIGMA_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
+# Whose timesteps, σ's, start and seeds: diffusers' schedulers', or AUTOMATIC1111's (k-diffusion's σ's,
+# x = ε σ_max, one seed per image), for the samplers that step in σ.
+CONVENTIONS = ("diffusers", "a1111")
+# Our samplers under the names AUTOMATIC1111's menu and PNG info give them (`modules/sd_samplers_kdiffusion.py`,
+# `sd_samplers_timesteps.py`); it has no DDPM, named here in its style. A sampler that steps in σ may
+# add " Karras" ("DPM++ 2M Karras": A1111 before 1.9 listed such names; since, "Schedule type: Karras").
+A1111_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
+               "dpmpp_2m": "DPM++ 2M"}
+KARRAS_SUFFIX = " Karras"
 # Each sampler's timestep spacing when none is asked for: what diffusers' scheduler class takes from
 # SD v1.5's official scheduler_config.json, which names no spacing, so each class keeps its own
 # default ("leading" with steps_offset 1 for DDPM, DDIM and PNDM; "linspace" for the others).
@@ -42,14 +54,21 @@ DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "pndm": "leading",
                    "euler": "linspace", "euler_a": "linspace", "dpmpp_2m": "linspace"}
 
 
-def sampler_name(name: str) -> str:
-    """The sampler's own name for `name` or its alias; a clear error for anything else."""
+def parse_sampler_name(name: str) -> tuple[str, bool]:
+    """(our sampler, karras) for our name, an alias or an AUTOMATIC1111 name: "plms" -> ("pndm", False),
+    "DPM++ 2M Karras" -> ("dpmpp_2m", True); a clear error listing the known names for anything else."""
+    if name in SAMPLERS:
+        return name, False
     if name in ALIASES:
-        return ALIASES[name]
-    if name not in SAMPLERS:
-        aliases = ", ".join(f"{a} = {n}" for a, n in ALIASES.items())
-        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)} ({aliases})")
-    return name
+        return ALIASES[name], False
+    from_a1111 = {a1111: ours for ours, a1111 in A1111_NAMES.items()}
+    base = name.removesuffix(KARRAS_SUFFIX) if isinstance(name, str) else name
+    if base in from_a1111 and (base == name or from_a1111[base] in SIGMA_SAMPLERS):
+        return from_a1111[base], base != name
+    aliases = ", ".join(f"{a} = {n}" for a, n in ALIASES.items())
+    karras_names = ", ".join(A1111_NAMES[n] + KARRAS_SUFFIX for n in SIGMA_SAMPLERS)
+    raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)} ({aliases}), or AUTOMATIC1111's "
+                     f"{', '.join(A1111_NAMES.values())}, {karras_names}")
 
 
 @dataclass
@@ -86,7 +105,7 @@ class Sampler:
         """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε at t = timesteps[i] (`003 · 前向扩散过程`, in closed form)."""
         return add_noise(x0, noise, self.alpha_bar.to(x0)[self.timesteps[i]])
 
-    def step(self, eps: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None,
+    def step(self, eps: Tensor, i: int, x: Tensor, generator: RandomSource = None,
              x0: Tensor | None = None) -> StepResult:
         """Move x from timesteps[i] to the next entry, given the model's ε at x. `x0`: the model's x̂₀
         when it has its own (a v-model's, finite even where ᾱ = 0 and x̂₀ from ε is not); without
@@ -269,17 +288,35 @@ class DPMSolverPP2M(Sampler):
 
 
 def make_sampler(name: str, steps: int, *, schedule: str = "scaled_linear", spacing: str | None = None,
-                 karras: bool = False, eta: float = 0.0, zero_terminal_snr: bool = False) -> Sampler:
-    """The sampler `name` over `steps` steps, its schedule equal to diffusers' for SD v1.5's config.
+                 karras: bool = False, eta: float = 0.0, zero_terminal_snr: bool = False,
+                 conventions: str = "diffusers") -> Sampler:
+    """The sampler `name` (ours, an alias or A1111's) over `steps` steps, its schedule equal to
+    diffusers' for SD v1.5's config.
 
     spacing: "leading", "trailing" or "linspace"; None takes the sampler's DEFAULT_SPACING.
-    karras: σ's spaced by Karras et al. 2022 eq. 5 (sigma samplers only). eta: DDIM's η.
+    karras: σ's spaced by Karras et al. 2022 eq. 5 (sigma samplers only; a name ending in " Karras"
+        says so too). eta: DDIM's η.
     zero_terminal_snr: the schedule rescaled so that t = 999 is pure noise (Lin et al. 2023), for
         v-models trained that way; use it with spacing="trailing", which visits t = 999.
+    conventions: "a1111": the σ's and the start of AUTOMATIC1111 (`noise_schedule.a1111_schedule`),
+        for Euler, Euler a and DPM++ 2M; the spacing is then k-diffusion's, not chosen.
     """
-    name = sampler_name(name)
+    name, named_karras = parse_sampler_name(name)
+    karras = karras or named_karras
     if not isinstance(steps, int) or not 1 <= steps <= TRAIN_STEPS:
         raise ValueError(f"steps must be an integer between 1 and {TRAIN_STEPS}, got {steps!r}")
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"unknown conventions {conventions!r}; known: {', '.join(CONVENTIONS)}")
+    if conventions == "a1111":
+        if name not in SIGMA_SAMPLERS:
+            raise ValueError(f"conventions='a1111' are k-diffusion's σ's, for "
+                             f"{', '.join(A1111_NAMES[n] for n in SIGMA_SAMPLERS)}; {A1111_NAMES[name]} runs with "
+                             "conventions='diffusers' only")
+        if spacing is not None:
+            raise ValueError(f"spacing={spacing!r} chooses diffusers' timesteps; conventions='a1111' take "
+                             "k-diffusion's (leave spacing None)")
+        if zero_terminal_snr:
+            raise ValueError("zero_terminal_snr is not supported with conventions='a1111'")
     spacing = DEFAULT_SPACING[name] if spacing is None else spacing
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}")
@@ -288,7 +325,10 @@ def make_sampler(name: str, steps: int, *, schedule: str = "scaled_linear", spac
     if eta and name != "ddim":
         raise ValueError(f"eta is DDIM's; {name} has none")
 
-    plan = schedule_for(name, steps, spacing, karras, schedule, zero_terminal_snr)
+    if conventions == "a1111":
+        plan = a1111_schedule(name, steps, karras, schedule)
+    else:
+        plan = schedule_for(name, steps, spacing, karras, schedule, zero_terminal_snr)
     if name == "ddpm":
         return DDPM(plan)
     if name == "ddim":
