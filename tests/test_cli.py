@@ -280,9 +280,10 @@ def test_from_png_reproduces_our_picture_and_reads_a1111s_text(cli, tmp_path):
         'Seed: 7, Size: 64x64, Model hash: abc, Model: v1-5, Clip skip: 2, Lora hashes: "a: 1, b: 2", '
         "Hires upscale: 2")
     assert (recorded.prompt, recorded.negative_prompt) == ("a red circle", "blurry")
-    assert recorded.settings == dict(scheduler="dpmpp_2m", karras=True, steps=4, guidance_scale=6.0, seed=7,
-                                     width=64, height=64, clip_skip=1)
-    assert recorded.not_honoured == ["Hires upscale: 2"]
+    assert recorded.settings == dict(scheduler="dpmpp_2m", karras=True, conventions="a1111", steps=4,
+                                     guidance_scale=6.0, seed=7, width=64, height=64, clip_skip=1)
+    assert recorded.not_honoured[0].startswith("RNG: GPU (")  # A1111's default noise source, not recorded
+    assert recorded.not_honoured[1:] == ["Hires upscale: 2"]
     png = tmp_path / "a1111.png"
     info = PngInfo()
     info.add_text("parameters", "a red circle\nSteps: 2, Sampler: DPM++ SDE, CFG scale: 6, Seed: 7, Size: 64x64")
@@ -290,6 +291,25 @@ def test_from_png_reproduces_our_picture_and_reads_a1111s_text(cli, tmp_path):
     status, _, err = cli("txt2img", "--from-png", png, "--quiet", "-o", tmp_path / "b.png")
     assert status == 0 and err == ["sd-scratch: warning: --from-png: not honoured: Sampler: DPM++ SDE (sd-scratch "
                                    "has DDPM, DDIM, PLMS, Euler, Euler a, DPM++ 2M)"]
+
+
+def test_a1111_conventions_write_a_png_that_regenerates_from_its_own_seed(cli, tmp_path):
+    """--conventions a1111 with A1111's sampler name: each PNG records its own seed and "RNG: CPU",
+    and --from-png makes the second image of the batch again, alone, from its PNG."""
+    status, _, err = cli("txt2img", "a blue square", "--steps", "3", "--seed", "42", "--scheduler", "DPM++ 2M Karras",
+                         "--conventions", "a1111", "--num-images", "2", "--quiet", "-o", tmp_path / "batch.png")
+    assert (status, err) == (0, [])
+    second = tmp_path / "batch-1.png"
+    settings = parameters(second)[1]
+    assert (settings["Sampler"], settings["Schedule type"], settings["Seed"], settings["RNG"]) == (
+        "DPM++ 2M", "Karras", "43", "CPU")
+    assert "Batch size" not in settings
+    again = tmp_path / "again.png"
+    status, _, err = cli("txt2img", "--from-png", second, "--quiet", "-o", again)
+    assert (status, err) == (0, [])
+    assert Image.open(again).text["parameters"] == Image.open(second).text["parameters"]
+    difference = np.abs(np.asarray(Image.open(again), dtype=int) - np.asarray(Image.open(second), dtype=int))
+    assert difference.max() <= 2  # a batch of 2 and a batch of 1 round alike to within 2 levels
 
 
 def test_lora_tags_in_the_prompt_need_a_folder_and_merge_for_the_run(cli, tmp_path):
