@@ -25,7 +25,7 @@ from .checkpoints.load import BUILTIN_MODEL, load
 from .guidance import PREDICTION_TYPES
 from .noise_schedule import SPACINGS
 from .prompts import LONG_PROMPT_MODES, SYNTAXES
-from .samplers import A1111_NAMES, ALIASES, CONVENTIONS, DEFAULT_SPACING, KARRAS_SUFFIX, SAMPLERS, SIGMA_SAMPLERS
+from .samplers import ALIASES, CONVENTIONS, DEFAULT_SPACING, SAMPLER_NAMES, SAMPLERS
 from .stable_diffusion import DTYPES
 
 PROG = "sd-scratch"
@@ -77,8 +77,8 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--seed", type=_seed, default=0,
                    help=f"random seed, {RANDOM_SEED} for a random one (printed and recorded) (default: %(default)s)")
-    a1111_names = [*A1111_NAMES.values(), *(A1111_NAMES[n] + KARRAS_SUFFIX for n in SIGMA_SAMPLERS)]
-    p.add_argument("--scheduler", choices=[*SAMPLERS, *ALIASES, *a1111_names], default="ddim", metavar="NAME",
+    a1111_names = SAMPLER_NAMES[len(SAMPLERS) + len(ALIASES):]
+    p.add_argument("--scheduler", choices=SAMPLER_NAMES, default="ddim", metavar="NAME",
                    help=f"sampler: {', '.join([*SAMPLERS, *ALIASES])}, or AUTOMATIC1111's name ("
                         f"{', '.join(repr(n) for n in a1111_names)}) (default: %(default)s)")
     p.add_argument("--karras", action="store_true", help="Karras et al.'s noise levels")

@@ -46,8 +46,8 @@ from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
 from .noise_schedule import SPACINGS, RandomSource, draw_noise
 from .prompts import (EMPHASES, LONG_PROMPT_MODES, SYNTAXES, as_prompt_list, encode_prompts, prompt_schedule,
                       split_and)
-from .samplers import (A1111_NAMES, CONVENTIONS, DEFAULT_SPACING, SIGMA_SAMPLERS, Sampler, make_sampler,
-                       parse_sampler_name)
+from .samplers import (A1111_NAMES, CONVENTIONS, DEFAULT_SPACING, SAMPLER_NAMES, SIGMA_SAMPLERS, Sampler,
+                       make_sampler, parse_sampler_name)
 from .tokenizer import CONTEXT_LENGTH
 
 if TYPE_CHECKING:
@@ -105,10 +105,8 @@ class GenerationSettings:
             raise ValueError(f"guidance_scale must be ≥ 0, got {self.guidance_scale!r}")
         if not isinstance(self.num_images, int) or self.num_images < 1:
             raise ValueError(f"num_images must be an integer ≥ 1, got {self.num_images!r}")
-        try:
-            parse_sampler_name(self.scheduler)
-        except ValueError as err:
-            raise ValueError(f"scheduler: {err}") from None
+        if self.scheduler not in SAMPLER_NAMES:
+            raise ValueError(f"scheduler must be one of {', '.join(SAMPLER_NAMES)}, got {self.scheduler!r}")
         if self.conventions not in CONVENTIONS:
             raise ValueError(f"conventions must be one of {', '.join(CONVENTIONS)}, got {self.conventions!r}")
         if self.spacing is not None and self.spacing not in SPACINGS:

@@ -47,6 +47,8 @@ CONVENTIONS = ("diffusers", "a1111")
 A1111_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
                "dpmpp_2m": "DPM++ 2M"}
 KARRAS_SUFFIX = " Karras"
+# Every name `parse_sampler_name` takes.
+SAMPLER_NAMES = (*SAMPLERS, *ALIASES, *A1111_NAMES.values(), *(A1111_NAMES[n] + KARRAS_SUFFIX for n in SIGMA_SAMPLERS))
 # Each sampler's timestep spacing when none is asked for: what diffusers' scheduler class takes from
 # SD v1.5's official scheduler_config.json, which names no spacing, so each class keeps its own
 # default ("leading" with steps_offset 1 for DDPM, DDIM and PNDM; "linspace" for the others).
@@ -57,18 +59,14 @@ DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "pndm": "leading",
 def parse_sampler_name(name: str) -> tuple[str, bool]:
     """(our sampler, karras) for our name, an alias or an AUTOMATIC1111 name: "plms" -> ("pndm", False),
     "DPM++ 2M Karras" -> ("dpmpp_2m", True); a clear error listing the known names for anything else."""
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLER_NAMES)}")
     if name in SAMPLERS:
         return name, False
     if name in ALIASES:
         return ALIASES[name], False
-    from_a1111 = {a1111: ours for ours, a1111 in A1111_NAMES.items()}
-    base = name.removesuffix(KARRAS_SUFFIX) if isinstance(name, str) else name
-    if base in from_a1111 and (base == name or from_a1111[base] in SIGMA_SAMPLERS):
-        return from_a1111[base], base != name
-    aliases = ", ".join(f"{a} = {n}" for a, n in ALIASES.items())
-    karras_names = ", ".join(A1111_NAMES[n] + KARRAS_SUFFIX for n in SIGMA_SAMPLERS)
-    raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)} ({aliases}), or AUTOMATIC1111's "
-                     f"{', '.join(A1111_NAMES.values())}, {karras_names}")
+    a1111_name = name.removesuffix(KARRAS_SUFFIX)
+    return {a1111: ours for ours, a1111 in A1111_NAMES.items()}[a1111_name], a1111_name != name
 
 
 @dataclass
