@@ -35,13 +35,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .guidance import (AsEpsilon, ClassifierFreeGuidance, ComposedGuidance, ConcatCondition, Context, ContextSchedule,
-                       UNetCall, Unguided)
+from .guidance import (AsEpsilon, ClassifierFreeGuidance, ClassifierGuidance, ComposedGuidance, ConcatCondition, Context,
+                       ContextSchedule, UNetCall, Unguided)
 from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
 from .noise_schedule import SPACINGS, RandomSource, draw_noise
 from .prompts import (EMPHASES, LONG_PROMPT_MODES, SYNTAXES, as_prompt_list, encode_prompts, prompt_schedule,
@@ -401,9 +402,10 @@ def _composed(sd: StableDiffusion, prompts: list[str], negatives: list[str], s: 
     return conds, weights, uncond
 
 
-def _model(sd: StableDiffusion, run: _Run, s: GenerationSettings, condition: torch.Tensor | None = None):
+def _model(sd: StableDiffusion, run: _Run, s: GenerationSettings, condition: torch.Tensor | None = None,
+           classifier: Callable | None = None, classifier_scale: float = 0.0):
     """The model function of `guidance.py` for this run: the UNet call, the concat condition if
-    any, classifier-free guidance or none, and the output as ε."""
+    any, classifier-free guidance or none, the output as ε, then the classifier's gradient if any."""
     out_of = UNetCall(sd.unet)
     if condition is not None:
         out_of = ConcatCondition(out_of, condition)
@@ -414,7 +416,8 @@ def _model(sd: StableDiffusion, run: _Run, s: GenerationSettings, condition: tor
         guided = ClassifierFreeGuidance(out_of, run.cond, run.uncond, s.guidance_scale, s.guidance_rescale)
     else:
         guided = Unguided(out_of, run.cond)
-    return AsEpsilon(guided, sd.prediction_type)
+    model = AsEpsilon(guided, sd.prediction_type)
+    return model if classifier is None else ClassifierGuidance(model, classifier, classifier_scale)
 
 
 def _finish(sd: StableDiffusion, x: torch.Tensor, run: _Run, s: GenerationSettings,
@@ -456,17 +459,24 @@ def check_strength(strength: float, steps: int, conventions: str = "diffusers") 
 @torch.no_grad()
 def txt2img(sd: StableDiffusion, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
             height: int | None = None, width: int | None = None, callback=None, progress: bool = True,
-            **settings) -> list[Image.Image]:
+            classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            classifier_scale: float = 1.0, **settings) -> list[Image.Image]:
     """Text to image. height/width default to the model family's native resolution (512 for SD v1,
     64 for the built-in model). `settings`: steps, guidance_scale, seed, scheduler, num_images, eta,
-    karras, spacing, clip_skip, long_prompts, conventions (see GenerationSettings)."""
+    karras, spacing, clip_skip, long_prompts, conventions (see GenerationSettings).
+    classifier: classifier guidance, `log_prob(x_t, t) -> (B,)` of a classifier of noisy latents
+    (e.g. `training.classifier.NoisyLatentClassifier.log_prob` with the wanted attributes), its
+    gradient added to the score × classifier_scale (`guidance.ClassifierGuidance`)."""
+    if classifier is not None and not callable(classifier):
+        raise ValueError(f"classifier must be a function log_prob(x_t, t) -> (B,), got {type(classifier).__name__}")
     s = GenerationSettings(height=height, width=width, **settings)
     run = _start(sd, prompt, negative_prompt, s)
     s.height, s.width = s.height or sd.native_resolution, s.width or sd.native_resolution
     factor = sd.vae.config.factor
     x = _noise((run.batch, sd.unet.config.out_channels, s.height // factor, s.width // factor), run, sd)
     x = x * run.sampler.init_noise_sigma
-    x = denoise(_model(sd, run, s), run.sampler, x, run.generator, callback=callback, progress=progress)
+    model = _model(sd, run, s, classifier=classifier, classifier_scale=classifier_scale)
+    x = denoise(model, run.sampler, x, run.generator, callback=callback, progress=progress)
     return _finish(sd, x, run, s)
 
 
@@ -533,3 +543,28 @@ def inpaint(sd: StableDiffusion, prompt: str | list[str], image, mask, negative_
     x = denoise(_model(sd, run, s, condition), sampler, x, run.generator, begin=run.begin, after_step=after_step,
                 callback=callback, progress=progress)
     return _finish(sd, x, run, s, strength)
+
+
+def outpaint(sd: StableDiffusion, prompt: str | list[str], image, negative_prompt: str | list[str] = "", *,
+             left: int = 0, top: int = 0, right: int = 0, bottom: int = 0, **settings) -> list[Image.Image]:
+    """Outpainting (`003 · 图像编辑`): a larger canvas with `image` in it, the new border repainted.
+    It is inpainting whose mask is everything outside the old picture: the canvas gets `left`,
+    `top`, `right`, `bottom` pixels more, filled by repeating the image's edge pixels (what the
+    masked region starts from matters only at strength < 1), and `inpaint` does the rest."""
+    image = open_image(image, "image")
+    sides = {"left": left, "top": top, "right": right, "bottom": bottom}
+    for name, pad in sides.items():
+        if not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"{name} must be a whole number of pixels ≥ 0, got {pad!r}")
+    if not any(sides.values()):
+        raise ValueError("outpaint needs left, top, right or bottom > 0: how many pixels to add on each side")
+    width, height = image.width + left + right, image.height + top + bottom
+    factor = sd.vae.config.factor
+    if width % factor or height % factor:
+        raise ValueError(f"the canvas would be {width}×{height}; image size plus left+right and top+bottom must be "
+                         f"multiples of {factor} (the VAE's factor)")
+    pixels = np.pad(np.asarray(image.convert("RGB")), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full((height, width), 255, dtype=np.uint8)
+    mask[top:top + image.height, left:left + image.width] = 0  # black: keep the old picture
+    return inpaint(sd, prompt, Image.fromarray(pixels), Image.fromarray(mask), negative_prompt,
+                   height=height, width=width, **settings)

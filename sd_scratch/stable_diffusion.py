@@ -162,6 +162,11 @@ class StableDiffusion:
         """Repaint the white part of `mask`; see `pipelines.inpaint`."""
         return self._with_prompt_loras(pipelines.inpaint, prompt, lora_dir, image, mask, negative_prompt, **kwargs)
 
+    def outpaint(self, prompt: str | list[str], image, negative_prompt: str | list[str] = "", *, lora_dir=None,
+                 **kwargs) -> list[Image.Image]:
+        """Extend the canvas by left/top/right/bottom pixels and paint the new border; see `pipelines.outpaint`."""
+        return self._with_prompt_loras(pipelines.outpaint, prompt, lora_dir, image, negative_prompt, **kwargs)
+
     def _with_prompt_loras(self, pipeline, prompt, lora_dir, *args, **kwargs) -> list[Image.Image]:
         """Run `pipeline` on the prompt without its `<lora:…>` tags, those LoRAs merged meanwhile;
         the images' recorded prompts keep the tags, as AUTOMATIC1111's do."""

@@ -50,3 +50,10 @@ def test_a_saved_classifier_loads_with_its_config(tmp_path):
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
     for a, v in loaded(x, t).items():  # the file is float16: equal to its rounding
         torch.testing.assert_close(v, classifier(x, t)[a], rtol=2e-2, atol=2e-2)
+
+
+def test_txt2img_refuses_a_classifier_that_is_not_a_function():
+    import sd_scratch
+
+    with pytest.raises(ValueError, match="classifier must be a function log_prob"):
+        sd_scratch.load().txt2img("", classifier="red", progress=False)

@@ -182,6 +182,36 @@ def test_a_mask_of_another_size_is_resized_with_a_warning(ours):
         ours.inpaint(PROMPTS[0], make_image(), make_mask().resize((16, 16)), steps=2, progress=False)
 
 
+@pytest.mark.parametrize("channels", [4, 9])
+def test_outpaint_is_diffusers_inpainting_of_the_padded_canvas(inpainting_checkpoint, channels):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    models, folder = inpainting_checkpoint[channels]
+    ours = sd_scratch.load(folder)
+    ref = reference_pipeline(StableDiffusionInpaintPipeline, models, folder / "tokenizer", "ddim")
+    small = make_image(4).crop((0, 4, 24, 32))  # 24×28: 8 more on the left, 4 on the top
+    images = ours.outpaint(PROMPTS[0], small, NEGATIVE, left=8, top=4, steps=6, seed=3, num_images=2, progress=False)
+    canvas = np.pad(np.asarray(small), ((4, 0), (8, 0), (0, 0)), mode="edge")  # the edge pixels repeated
+    mask = np.full((SIZE, SIZE), 255, np.uint8)
+    mask[4:, 8:] = 0  # keep the old picture, repaint the new border
+    expected = ref(PROMPTS[0], image=Image.fromarray(canvas), mask_image=Image.fromarray(mask),
+                   negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=6,
+                   num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(3), output_type="np")
+    assert images[0].size == (SIZE, SIZE)
+    assert_close_images(as_uint8(images), reference_uint8(expected))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(), "needs left, top, right or bottom > 0"),
+    (dict(left=-8), "left must be a whole number of pixels ≥ 0"),
+    (dict(right=2.5), "right must be a whole number"),
+    (dict(top=3), "must be multiples of 4"),
+])
+def test_outpaint_refuses_bad_padding_in_words(ours, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ours.outpaint(PROMPTS[0], make_image(), progress=False, **kwargs)
+
+
 @pytest.mark.parametrize("call,kwargs,message", [
     ("txt2img", dict(height=30), "height must be a positive multiple of 4"),
     ("txt2img", dict(width=30), "width must be a positive multiple of 4"),
