@@ -18,6 +18,8 @@ pairs never drawn in training). Every image is read back by the world's own pixe
     img2img   distance to the start picture against strength (no cliff: no 0.05 step of strength
               carries more than CLIFF_SHARE of the whole change), and at strength 0.5 a recolouring
               prompt changes the colour and keeps the shape and position
+    classifier  classifier guidance alone: the empty prompt, no CFG, steered by the shipped noisy-latent
+              classifier to "red" or to "triangle"; how often the picture has the attribute, by scale
 
 Each batch of images has its own fixed seed, so a run is reproducible.
 """
@@ -39,7 +41,7 @@ from sd_scratch.training.captions import Pair
 from sd_scratch.training.toy_shapes import Scene
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("full", "partial", "pairs", "seeds", "guidance", "img2img")
+SECTIONS = ("full", "partial", "pairs", "seeds", "guidance", "img2img", "classifier")
 ATTRIBUTES = ("color", "background", "position", "shape")
 EVERYTHING = {"size", "color", "position", "background"}
 BAR = {"full": {"color": 0.95, "background": 0.95, "shape": 0.90, "position": 0.90}, "partial": {"color": 0.90},
@@ -47,6 +49,8 @@ BAR = {"full": {"color": 0.95, "background": 0.95, "shape": 0.90, "position": 0.
 GUIDANCE_SCALES = (1.0, 3.0, 5.0, 7.5, 10.0)
 STRENGTHS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 CLIFF_SHARE = 0.25
+CLASSIFIER_SCALES = (0.0, 1.0, 3.0, 10.0, 30.0)
+STEERED = ({"color": "red"}, {"shape": "triangle"})
 # The partial and reworded captions: which attributes each says, and how.
 PARTIAL_FORMS = {
     "colour and shape": dict(said={"color"}),
@@ -207,6 +211,23 @@ def img2img(sd, args) -> list[str]:
             line("strength 0.5: new colour, same shape, place", kept)]
 
 
+def classifier(sd, args) -> list[str]:
+    from sd_scratch.training.classifier import load_classifier
+
+    judge = load_classifier(args.classifier) if args.classifier else load_classifier()
+    lines = []
+    for wanted in STEERED:
+        (attribute, value), = wanted.items()
+        row = []
+        for scale in CLASSIFIER_SCALES:
+            images = generate(sd, [""] * (args.n // 4), args.seed, args.batch, **{**args.settings, "guidance_scale": 1.0},
+                              classifier=lambda x, t: judge.log_prob(x, t, wanted), classifier_scale=scale)
+            share = np.mean([getattr(toy_shapes.analyse(im), attribute) == value for im in images])
+            row.append(f"s = {scale:g}: {100 * share:.0f}%")
+        lines.append(f"  the empty prompt steered to {attribute} {value!r}: " + "  ".join(row))
+    return lines
+
+
 def save_grid(images, labels, path: Path) -> None:
     if path is None or not images:
         return
@@ -224,6 +245,7 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--classifier", default=None, help="the classifier file (default: the shipped one)")
     p.add_argument("--grid", type=Path, default=REPO / "weights" / "tiny-shapes-samples.png",
                    help="where the full captions' samples go (the pairs' beside it, -pairs.png)")
     args = p.parse_args(argv)
