@@ -37,6 +37,9 @@ COLORS = {
 }
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128), "brown": (110, 70, 40)}
 SHAPES = ("circle", "square", "triangle")
+# A shape the built-in model never saw, drawn only for the example LoRA (scripts/train_examples.py):
+# a circle's outline whose band is RING_BAND of its width.
+NEW_SHAPE, RING_BAND = "ring", 0.25
 # Centre of the shape in pixels of the 64×64 image, with the caption's words for it.
 POSITIONS = {"at the top left": (17, 17), "at the top right": (47, 17), "in the center": (32, 32),
              "at the bottom left": (17, 47), "at the bottom right": (47, 47)}
@@ -143,6 +146,8 @@ def draw(picture: Picture) -> Drawing:
         for painter, fill in zip(painters, (COLORS[thing.color], index)):
             if thing.shape == "circle":
                 painter.ellipse(box, fill=fill)
+            elif thing.shape == NEW_SHAPE:
+                painter.ellipse(box, outline=fill, width=round(RING_BAND * SIZES[thing.size] * k))
             elif thing.shape == "square":
                 painter.rectangle(box, fill=fill)
             else:  # an upright triangle: apex at the top centre, base along the bottom of the box
@@ -188,6 +193,20 @@ TRIANGLE_MIN_BOTTOM_SHARE = 0.62
 SIZE_CUT = (SIZES["small"] + SIZES["large"]) / 2  # a bounding box wider or taller than this is "large"
 
 
+def _shape_of(mask: np.ndarray) -> str:
+    """circle, square or triangle by how the shape fills its bounding box and how much of it is in
+    the box's lower half; a ring (NEW_SHAPE) when the box's centre is empty."""
+    ys, xs = np.nonzero(mask)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    fill = mask.sum() / ((bottom - top) * (right - left))
+    bottom_share = (ys + 0.5 > (top + bottom) / 2).mean()
+    if fill < CIRCLE_MIN_FILL and not mask[(top + bottom) // 2, (left + right) // 2]:
+        return NEW_SHAPE  # every other shape covers the centre of its box
+    if bottom_share >= TRIANGLE_MIN_BOTTOM_SHARE or fill < CIRCLE_MIN_FILL:
+        return "triangle"
+    return "square" if fill >= SQUARE_MIN_FILL else "circle"
+
+
 @dataclass
 class Analysis:
     color: str | None
@@ -221,15 +240,7 @@ def analyse(image: Image.Image) -> Analysis:
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
 
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    fill = mask.sum() / ((bottom - top) * (right - left))
-    middle = (top + bottom) / 2
-    bottom_share = (ys + 0.5 > middle).mean()
-    if bottom_share >= TRIANGLE_MIN_BOTTOM_SHARE or fill < CIRCLE_MIN_FILL:
-        shape = "triangle"
-    elif fill >= SQUARE_MIN_FILL:
-        shape = "square"
-    else:
-        shape = "circle"
+    shape = _shape_of(mask)
     size = "large" if max(bottom - top, right - left) > SIZE_CUT else "small"
     return Analysis(color, background, position, shape, size)
 
@@ -245,16 +256,6 @@ class Found:
 # A colour counts as a thing when at least this many foreground pixels are nearest to it: a small
 # circle has about 300, a half-hidden one over 100, and the blended rim between two shapes a few dozen.
 MIN_THING_PIXELS = 60
-
-
-def _shape_of(mask: np.ndarray) -> str:
-    ys, xs = np.nonzero(mask)
-    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    fill = mask.sum() / ((bottom - top) * (right - left))
-    bottom_share = (ys + 0.5 > (top + bottom) / 2).mean()
-    if bottom_share >= TRIANGLE_MIN_BOTTOM_SHARE or fill < CIRCLE_MIN_FILL:
-        return "triangle"
-    return "square" if fill >= SQUARE_MIN_FILL else "circle"
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
