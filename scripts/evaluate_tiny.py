@@ -16,8 +16,9 @@ pairs never drawn in training). Every image is read back by the world's own pixe
     guidance  the share of images with every said attribute right at w = 1, 3, 5, 7.5, 10:
               the best w > 1, and ≥ 5 points above w = 1
     img2img   distance to the start picture against strength (no cliff: no 0.05 step of strength
-              carries more than CLIFF_SHARE of the whole change), and at strength 0.5 a recolouring
-              prompt changes the colour and keeps the shape and position
+              carries more than CLIFF_SHARE of the whole change), for a prompt that only names the
+              start's shape and for a recolouring one; and at strength 0.5 the recolouring prompt
+              changes the colour and keeps the shape and position
     classifier  classifier guidance alone: the empty prompt, no CFG, steered by the shipped noisy-latent
               classifier to "red" or to "triangle"; how often the picture has the attribute, by scale
 
@@ -182,33 +183,42 @@ def guidance(sd, args) -> list[str]:
 
 
 def img2img(sd, args) -> list[str]:
+    """Two prompts per start picture: its shape alone ("a circle": nothing in it contradicts the
+    picture, so what changes is what strength lets the model redraw) and a recolouring caption
+    (everything the same but the colour)."""
     rng = random.Random(args.seed)
     scenes = held_out(args.n // 10, args.seed + 3)
     starts = [toy_shapes.draw(captions.place(s, rng)).image for s in scenes]
     recolour = [Scene(s.size, rng.choice([c for c in toy_shapes.COLORS if c != s.color]), s.shape, s.position,
                       s.background) for s in scenes]
-    distance, kept = {}, None
-    for strength in STRENGTHS:
-        out = []
-        for start, target in zip(starts, recolour):
-            out += pipelines.img2img(sd, target.caption, start, strength=strength, seed=args.seed, progress=False,
-                                     **args.settings)
-        distance[strength] = np.mean([np.abs(np.asarray(o, np.float32) - np.asarray(s, np.float32)).mean()
-                                      for o, s in zip(out, starts)])
-        if strength == 0.5:
+    prompts = {"its shape alone": [captions.describe(s, set()) for s in scenes],
+               "a recolouring caption": [t.caption for t in recolour]}
+    lines = []
+    for kind, texts in prompts.items():
+        distance, recoloured = {}, {}
+        for strength in STRENGTHS:
+            out = []
+            for start, text in zip(starts, texts):
+                out += pipelines.img2img(sd, text, start, strength=strength, seed=args.seed, progress=False,
+                                         **args.settings)
+            distance[strength] = np.mean([np.abs(np.asarray(o, np.float32) - np.asarray(s, np.float32)).mean()
+                                          for o, s in zip(out, starts)])
             found = list(map(toy_shapes.analyse, out))
-            kept = np.mean([f.color == t.color and f.shape == t.shape and f.position == t.position
-                            for f, t in zip(found, recolour)])
-    values = [distance[s] for s in STRENGTHS]
-    span = max(values[-1] - values[0], 1e-6)
-    steps = [(b - a) / span for a, b in zip(values, values[1:])]
-    low = [(s, d) for s, d in zip(STRENGTHS[1:], steps) if s <= 0.2]  # the 0.05-wide steps up to 0.2
-    worst = max(d for _, d in low)
-    table = "  ".join(f"{s}: {distance[s]:.0f}" for s in STRENGTHS)
-    return [f"  mean |start − result| (0–255) by strength: {table}",
-            f"  largest 0.05 step of strength up to 0.2 carries {100 * worst:.0f}% of the change "
-            f"({'meets' if worst <= CLIFF_SHARE else 'BELOW'} the bar: ≤ {100 * CLIFF_SHARE:.0f}%)",
-            line("strength 0.5: new colour, same shape, place", kept)]
+            recoloured[strength] = np.mean([f.color == t.color and f.shape == t.shape and f.position == t.position
+                                            for f, t in zip(found, recolour)])
+        values = [distance[s] for s in STRENGTHS]
+        span = max(values[-1] - values[0], 1e-6)
+        steps = [(b - a) / span for a, b in zip(values, values[1:])]
+        worst = max(d for s, d in zip(STRENGTHS[1:], steps) if s <= 0.2)  # the 0.05-wide steps up to 0.2
+        lines += [f"  {kind} ({texts[0]!r}): mean |start − result| (0–255) by strength: "
+                  + "  ".join(f"{s}: {distance[s]:.0f}" for s in STRENGTHS),
+                  f"    largest 0.05 step of strength up to 0.2 carries {100 * worst:.0f}% of the change "
+                  f"({'meets' if worst <= CLIFF_SHARE else 'BELOW'} the bar: ≤ {100 * CLIFF_SHARE:.0f}%)"]
+        if kind == "a recolouring caption":
+            lines += ["    new colour, same shape and place, by strength: "
+                      + "  ".join(f"{s}: {100 * recoloured[s]:.0f}%" for s in STRENGTHS),
+                      line("    at strength 0.5", recoloured[0.5])]
+    return lines
 
 
 def classifier(sd, args) -> list[str]:

@@ -1,5 +1,8 @@
 """Train the built-in model (sd_scratch/data/tiny-shapes.safetensors) from nothing, on the shapes world.
 
+The world (`sd_scratch/training/captions.py`): one or two shapes on a background, each picture
+described afresh at every step by a random caption that says some of what it shows.
+
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/train_tiny.py   # the shipped file: 46 min, 2 CPU cores
     python scripts/train_tiny.py                          # one process: every stage, then the weights file
     python scripts/train_tiny.py --resume                 # continue from runs/tiny-shapes/*.pt
@@ -13,7 +16,8 @@ steps ten times slower here.
    unit-std latents (`training.fold_latent_normalisation`).
 2. `decoder`: the decoder alone is fine-tuned on whole 64×64 images (`training.DecoderLoss`).
 3. `diffusion`: the images are encoded once; the CLIP text transformer and the UNet learn together
-   the noise-prediction loss (`training.DiffusionLoss`), with 10% of captions dropped.
+   the noise-prediction loss (`training.DiffusionLoss`), each image with a caption drawn for this
+   step (`captions.random_caption`), 10% of them dropped.
 
 Stages 2 and 3 need only stage 1, so they can run side by side (`--stages decoder` and
 `--stages diffusion` in two processes, both with --resume); a last `--resume` run writes the
@@ -33,6 +37,7 @@ import argparse
 import copy
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -41,7 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sd_scratch.training import toy_shapes
+from sd_scratch.training import captions as world
 from sd_scratch.checkpoints.families import BY_NAME
 from sd_scratch.checkpoints.load import save_single_file
 from sd_scratch.stable_diffusion import StableDiffusion
@@ -66,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "tiny-shapes", help="checkpoints and loss log")
     p.add_argument("--weights", type=Path, default=REPO / "sd_scratch" / "data" / "tiny-shapes.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--variants", type=int, default=4, help="jittered drawings per training combination")
+    p.add_argument("--pictures", type=int, default=12000, help="pictures drawn from the training combinations")
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
@@ -76,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoder-steps", type=int, default=1000)
     p.add_argument("--decoder-batch", type=int, default=16)
     p.add_argument("--decoder-lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=2400, help="text encoder + UNet steps")
+    p.add_argument("--steps", type=int, default=5000, help="text encoder + UNet steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--stages", type=lambda text: set(text.split(",")), default=set(STAGE_IDS),
@@ -121,7 +126,7 @@ def learning_rate(step: int, total: int, peak: float) -> float:
 
 # ---- one stage ---------------------------------------------------------------------------------------
 
-def train_stage(stage: str, loss_module: torch.nn.Module, batch_fn, args, device, rank: int, world: int,
+def train_stage(stage: str, loss_module: torch.nn.Module, batch_fn, args, device, rank: int, world_size: int,
                 steps: int, lr: float, on_checkpoint=None) -> None:
     """The loop both stages share: AdamW, warmup + cosine LR, checkpoints, loss log, progress bar."""
     ckpt_path = args.out / f"{stage}.pt"
@@ -188,10 +193,10 @@ def finished(args, stage: str, steps: int) -> bool:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device, rank, world = setup(args.device)
+    device, rank, world_size = setup(args.device)
     for option in ("vae_batch", "batch"):
-        if getattr(args, option) % world:
-            raise SystemExit(f"--{option.replace('_', '-')} must be divisible by the {world} processes")
+        if getattr(args, option) % world_size:
+            raise SystemExit(f"--{option.replace('_', '-')} must be divisible by the {world_size} processes")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # the initial weights: the same on every rank
     configs = tiny_configs()
@@ -199,10 +204,11 @@ def main(argv=None) -> None:
     text_encoder = CLIPTextEncoder(configs.text)
     unet = UNet(configs.unet)
 
-    images, captions = toy_shapes.make_dataset(toy_shapes.train_scenes(), args.variants, args.seed)
+    data = world.make_world(args.pictures, args.seed)
+    images, scenes = data.images, data.scenes
     if rank == 0:
-        print(f"{len(images)} training images ({len(toy_shapes.train_scenes())} combinations × {args.variants}), "
-              f"{world} process(es) on {device}")
+        pairs = sum(isinstance(s, world.Pair) for s in scenes)
+        print(f"{len(images)} training pictures ({pairs} of two shapes), {world_size} process(es) on {device}")
 
     # Stage 1: the autoencoder, on images in the channels-last layout (faster convolutions on CPU).
     vae = vae.to(device, memory_format=torch.channels_last)
@@ -210,11 +216,11 @@ def main(argv=None) -> None:
     vae_loss = VAELoss(vae, args.kl_weight)
     if "vae" in args.stages and not finished(args, "vae", args.vae_steps):
         def vae_batch(generator):
-            index = torch.randint(0, len(images), (args.vae_batch // world,), generator=generator)
-            top, left = (8 * torch.randint(0, (toy_shapes.IMAGE_SIZE - args.vae_crop) // 8 + 1, (2,),
+            index = torch.randint(0, len(images), (args.vae_batch // world_size,), generator=generator)
+            top, left = (8 * torch.randint(0, (world.IMAGE_SIZE - args.vae_crop) // 8 + 1, (2,),
                                            generator=generator)).tolist()
             return (images[index.to(device), :, top:top + args.vae_crop, left:left + args.vae_crop],)
-        train_stage("vae", vae_loss, vae_batch, args, device, rank, world, args.vae_steps, args.vae_lr)
+        train_stage("vae", vae_loss, vae_batch, args, device, rank, world_size, args.vae_steps, args.vae_lr)
     vae_loss.load_state_dict(torch.load(args.out / "vae.pt", map_location=device, weights_only=True)["model"])
     fold_latent_normalisation(vae, images)
 
@@ -222,9 +228,9 @@ def main(argv=None) -> None:
     decoder_loss = DecoderLoss(vae)
     if "decoder" in args.stages and not finished(args, "decoder", args.decoder_steps):
         def decoder_batch(generator):
-            index = torch.randint(0, len(images), (args.decoder_batch // world,), generator=generator)
+            index = torch.randint(0, len(images), (args.decoder_batch // world_size,), generator=generator)
             return (images[index.to(device)],)
-        train_stage("decoder", decoder_loss, decoder_batch, args, device, rank, world, args.decoder_steps,
+        train_stage("decoder", decoder_loss, decoder_batch, args, device, rank, world_size, args.decoder_steps,
                     args.decoder_lr)
     if (args.out / "decoder.pt").exists():
         decoder_loss.load_state_dict(torch.load(args.out / "decoder.pt", map_location=device,
@@ -237,19 +243,20 @@ def main(argv=None) -> None:
     latent_mean = torch.cat([q.mean for q in posteriors]).contiguous()
     latent_std = torch.cat([q.std for q in posteriors]).contiguous()
     tokenizer = CLIPTokenizer()
-    ids = tokenizer(captions).to(device)
     empty_ids = tokenizer([""])[0].to(device)
     diffusion_loss = DiffusionLoss(text_encoder, unet).to(device)
 
     def diffusion_batch(generator):
-        index = torch.randint(0, len(images), (args.batch // world,), generator=generator).to(device)
+        index = torch.randint(0, len(images), (args.batch // world_size,), generator=generator).to(device)
         noise = torch.randn(latent_mean[index].shape, generator=generator).to(device)
         x0 = (latent_mean[index] + latent_std[index] * noise) * LATENT_SCALE
-        return x0, drop_captions(ids[index], empty_ids, generator=generator)
+        says = random.Random(torch.randint(0, 2**62, (1,), generator=generator).item())
+        ids = tokenizer([world.random_caption(scenes[i], says) for i in index.tolist()]).to(device)
+        return x0, drop_captions(ids, empty_ids, generator=generator)
 
     if "diffusion" in args.stages and not finished(args, "diffusion", args.steps):
         snapshot = lambda: export(tokenizer, text_encoder, unet, vae, args.out / "latest.safetensors")  # noqa: E731
-        train_stage("diffusion", diffusion_loss, diffusion_batch, args, device, rank, world, args.steps, args.lr,
+        train_stage("diffusion", diffusion_loss, diffusion_batch, args, device, rank, world_size, args.steps, args.lr,
                     on_checkpoint=snapshot)
     todo = [stage for stage, steps in (("decoder", args.decoder_steps), ("diffusion", args.steps))
             if not complete(args, stage, steps)]

@@ -81,3 +81,16 @@ def test_a_trained_embedding_gives_diffusers_text_encoding_and_touches_no_weight
     expected = reference_hidden_states(copy.deepcopy(tiny_models), tiny_checkpoint["folder"] / "tokenizer", vectors,
                                        "my-thing", "a photo of my-thing")
     assert rel_err(ours_states, expected) <= 1e-4
+
+
+def test_the_shipped_examples_load_into_the_built_in_model_strictly():
+    from pathlib import Path
+
+    examples = Path(sd_scratch.__file__).parent / "data" / "examples"
+    sd = sd_scratch.load()
+    before = snapshot(sd)
+    assert sd.load_textual_inversion(examples / "my-scene.safetensors") == "my-scene"
+    sd.load_lora(examples / "ring.safetensors")  # strict: every key names a layer of this model
+    assert any(not torch.equal(v, before[k]) for k, v in snapshot(sd).items())
+    sd.unload_lora()
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(sd).items())

@@ -56,6 +56,23 @@ def test_a_seeded_generation_draws_the_colours_and_backgrounds_it_is_asked_for(b
         assert (found.color, found.background) == (scene.color, scene.background), scene.caption
 
 
+def test_the_prompts_a_newcomer_types_draw_what_they_say(builtin):
+    prompts = ["a red circle", "a blue square", "yellow triangle, black background", "a green circle on gray"]
+    wanted = [("red", "circle", None), ("blue", "square", None), ("yellow", "triangle", "black"),
+              ("green", "circle", "gray")]
+    images = builtin.txt2img(prompts, steps=25, seed=0, progress=False)
+    for prompt, (color, shape, background), image in zip(prompts, wanted, images):
+        found = toy_shapes.analyse(image)
+        assert (found.color, found.shape) == (color, shape), prompt
+        assert background is None or found.background == background, prompt
+
+
+def test_two_shapes_in_a_relation_are_both_drawn(builtin):
+    image = builtin.txt2img("a red circle above a blue square", steps=25, seed=0, progress=False)[0]
+    _, found = toy_shapes.analyse_things(image)
+    assert {f.color for f in found} == {"red", "blue"}
+
+
 def test_the_latent_scale_suits_the_shipped_vae(builtin):
     images, _ = toy_shapes.make_dataset(toy_shapes.train_scenes()[::8], 1, seed=0)
     with torch.no_grad():
@@ -130,8 +147,10 @@ def test_two_ddp_processes_on_cpu_end_with_identical_parameters(tmp_path):
 def test_the_readme_first_command_writes_a_png(tmp_path):
     command = shutil.which("sd-scratch", path=os.path.dirname(sys.executable)) or shutil.which("sd-scratch")
     argv = [command] if command else [sys.executable, "-m", "sd_scratch"]
-    done = subprocess.run([*argv, "txt2img", "a large red circle in the center on a white background",
-                           "-o", str(tmp_path / "out.png")], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run([*argv, "txt2img", "a red circle", "-o", str(tmp_path / "out.png")],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     image = Image.open(tmp_path / "out.png")
     assert image.format == "PNG" and image.size == (64, 64)
+    found = toy_shapes.analyse(image)
+    assert (found.color, found.shape) == ("red", "circle")

@@ -50,13 +50,15 @@ def tiny_configs() -> TinyConfigs:
     64 channels, not 32, at every level: with 32 groups, 32 channels would be one channel per
     group, and GroupNorm would then scale every channel of a flat background to zero, so the
     decoder's last norm could not pass on which colour the background is (SD has 4 per group).
-    Text encoder: CLIP's architecture and its 49,408-token vocabulary, 128 wide and 2 layers deep.
-    UNet: two levels, 8×8 (64 channels) and 4×4 (128), cross-attention to the text at both.
+    Text encoder: CLIP's architecture and its 49,408-token vocabulary, 128 wide and 3 layers deep
+    (two shapes in a relation need the words to see each other: "red" must bind to "circle").
+    UNet: two levels, 8×8 (64 channels) and 4×4 (128), two ResNets each, cross-attention to the
+    text at both.
     """
     return TinyConfigs(
         vae=VAEConfig(block_out_channels=(64, 64, 64, 64), layers_per_block=1),
-        text=TextEncoderConfig(width=128, layers=2, heads=2, mlp_width=512),
-        unet=UNetConfig(channels=(64, 128), attention_levels=(True, True), layers_per_level=1, context_dim=128),
+        text=TextEncoderConfig(width=128, layers=3, heads=2, mlp_width=512),
+        unet=UNetConfig(channels=(64, 128), attention_levels=(True, True), layers_per_level=2, context_dim=128),
     )
 
 
