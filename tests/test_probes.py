@@ -4,14 +4,15 @@ import torch
 from torch import nn
 
 from sd_scratch.lab.probes import capture, parameter_counts, shape_table, trace_shapes
-from sd_scratch.training.losses import tiny_configs
 from sd_scratch.unet import UNet, UNetConfig
 
 
 @pytest.fixture(scope="module")
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
-    return UNet(tiny_configs().unet).eval()  # levels 8×8 (64 ch) and 4×4 (128 ch), text width 128
+    # levels 8×8 (64 ch) and 4×4 (128 ch), one ResNet each, text width 128: the facts below count its skips
+    return UNet(UNetConfig(channels=(64, 128), attention_levels=(True, True), layers_per_level=1,
+                           context_dim=128)).eval()
 
 
 def tiny_inputs(batch: int = 2):
