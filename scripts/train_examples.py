@@ -56,6 +56,12 @@ def attributes_right(scene: Scene, images) -> str:
     return f"{whole}/{len(images)} show the whole scene ({each})"
 
 
+def forget_embeddings(sd) -> None:
+    """Drop every loaded textual-inversion word (its tokenizer entry and its vectors)."""
+    sd.tokenizer.embeddings.clear()
+    sd.text_encoder.embeddings.extra_vectors = None
+
+
 def textual_inversion(sd, args) -> None:
     assert toy_shapes.is_held_out(CONCEPT), "the concept should be a combination the model never saw"
     rng = random.Random(args.seed)
@@ -68,15 +74,13 @@ def textual_inversion(sd, args) -> None:
     save_file({"emb_params": vectors.to(torch.float16).contiguous()}, str(path))
     print(f"textual inversion: {len(vectors)} vectors for {WORD!r}, {args.ti_steps} steps, {time.time() - began:.0f} s "
           f"-> {path.relative_to(REPO)}")
-    sd.tokenizer.embeddings.clear()
-    sd.text_encoder.embeddings.extra_vectors = None
+    forget_embeddings(sd)
     sd.load_textual_inversion(path)  # as a user would: from the file
     after = sd.txt2img([WORD] * 16, seed=args.seed, **MEASURE_SETTINGS)
     print(f"  the scene: {CONCEPT.caption!r}")
     for name, images in (("before", before), ("after", after)):
         print(f"  {name}: of the pictures of {WORD!r}, {attributes_right(CONCEPT, images)}")
-    sd.tokenizer.embeddings.clear()
-    sd.text_encoder.embeddings.extra_vectors = None
+    forget_embeddings(sd)
 
 
 def wanted(name: str) -> bool:

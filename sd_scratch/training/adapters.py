@@ -1,6 +1,6 @@
 """Training the add-ons users bring, with the model frozen: a textual-inversion embedding and a LoRA.
 
-Both learn with document 003's loss, ‖ε − ε_θ(x_t, t, c)‖², on a handful of pictures, and change
+Both learn with document 003's loss, ‖ε − ε_θ(x_t, t, c)‖² (`losses.DiffusionLoss`), on a handful of pictures, and change
 nothing of the model's own weights; they differ in what is trained (`004 · 嵌入`, `004 · LoRA`):
 
     textual inversion  n new vectors in the token-embedding space, standing for one new word
@@ -20,19 +20,10 @@ import torch
 from torch import nn
 
 from ..addons.lora import ALPHA, DOWN, UP, module_names
-from ..noise_schedule import add_noise, alpha_bars
+from .losses import DiffusionLoss
 
 if TYPE_CHECKING:
     from ..stable_diffusion import StableDiffusion
-
-
-def denoising_loss(sd: StableDiffusion, x0: torch.Tensor, ids: torch.Tensor, alpha_bar: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
-    """‖ε − ε_θ(x_t, t, c)‖² at a random t per latent; x0 are scaled latents (×LATENT_SCALE)."""
-    t = torch.randint(0, len(alpha_bar), (len(x0),), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    x_t = add_noise(x0, eps, alpha_bar[t][:, None, None, None])
-    return torch.nn.functional.mse_loss(sd.unet(x_t, t, sd.text_encoder(ids)), eps)
 
 
 def freeze(sd: StableDiffusion) -> None:
@@ -63,11 +54,11 @@ def train_embedding(sd: StableDiffusion, latents: torch.Tensor, prompts: Callabl
     tokenizer.embeddings[tuple(tokenizer.encode(word)[1:-1])] = list(range(vocab, vocab + vectors))
     freeze(sd)
     optimizer = torch.optim.AdamW([learned], lr=lr, weight_decay=0.0)
-    generator, alpha_bar = torch.Generator().manual_seed(seed), alpha_bars()
+    generator, loss_of = torch.Generator().manual_seed(seed), DiffusionLoss(sd.text_encoder, sd.unet)
     for _ in range(steps):
         embeddings.extra_vectors = learned  # a leaf that needs grad: the lookup passes gradients to it
         index = torch.randint(0, len(latents), (batch,), generator=generator)
-        loss = denoising_loss(sd, latents[index], tokenizer(prompts(generator)), alpha_bar, generator)
+        loss = loss_of(latents[index], tokenizer(prompts(generator)), generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -131,11 +122,11 @@ def train_lora(sd: StableDiffusion, latents: torch.Tensor, prompts: Callable[[to
     adapters, handles = attach_lora(sd, rank, alpha, wanted)
     parameters = [p for a in adapters.values() for p in a.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    generator, alpha_bar = torch.Generator().manual_seed(seed), alpha_bars()
+    generator, loss_of = torch.Generator().manual_seed(seed), DiffusionLoss(sd.text_encoder, sd.unet)
     try:
         for _ in range(steps):
             index = torch.randint(0, len(latents), (batch,), generator=generator)
-            loss = denoising_loss(sd, latents[index], sd.tokenizer(prompts(index, generator)), alpha_bar, generator)
+            loss = loss_of(latents[index], sd.tokenizer(prompts(index, generator)), generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
