@@ -24,7 +24,7 @@ import importlib
 # The public names, imported on first use (PEP 562), so that `import sd_scratch` stays cheap and
 # `python -m sd_scratch.tokenizer` runs that module fresh.
 _PUBLIC = {"load": "checkpoints.load", "save_single_file": "checkpoints.load", "LoadReport": "checkpoints.load",
-           "StableDiffusion": "stable_diffusion", "LATENT_SCALE": "vae"}
+           "StableDiffusion": "stable_diffusion", "LATENT_SCALE": "vae", "Control": "guidance"}
 __all__ = list(_PUBLIC)
 
 

@@ -6,6 +6,7 @@ predicts: it asks for ε at (x, t) and gives the step's ᾱ_t. What the UNet is 
 decided when the function is built, one layer a kind:
 
     out_of = UNetCall(unet)                                   (x, t, context) -> the UNet's output
+          or Controlled(unet, controls, hints, timesteps)     the same, ControlNets' residuals added
     out_of = ConcatCondition(out_of, mask_and_masked_latent)  the 9-channel inpainting UNet
     guided = ClassifierFreeGuidance(out_of, cond, uncond, w)  (x, t) -> Prediction
           or Unguided(out_of, cond)                          cond, uncond: tensors, or a ContextSchedule
@@ -16,6 +17,13 @@ decided when the function is built, one layer a kind:
 Classifier-free guidance (`003`/`004 · CFG 值`, Ho & Salimans 2022): one UNet call on the batch
 [x; x] with the contexts [uncond; cond], then out = out_uncond + w·(out_cond − out_uncond),
 optionally rescaled towards out_cond's spread (Lin et al. 2023, §3.4, "guidance rescale").
+
+ControlNet (`004 · 其它条件`, Zhang et al. 2023; `addons/controlnet.py`): each ControlNet reads
+(x, t, context) and its hint image and gives residuals for the UNet's skips and middle; several
+are summed. Each acts from `start` to `end` of the run (fractions of its steps, as diffusers'
+control_guidance_start/end); in guess mode it sees only the conditional rows, and the
+unconditional half (the first B rows of a guided batch, where every guidance layer here puts it)
+gets no residuals.
 
 Classifier guidance (`004 · 分类器指引`, Dhariwal & Nichol 2021, their eq. 14 and Algorithm 2):
 a classifier of noisy latents gives log p(y | x_t); its gradient, scaled by s, is added to the
@@ -30,12 +38,12 @@ matter, for the rescale it does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from .unet import UNet
+from .unet import ControlResiduals, UNet
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # (x, t, context) -> the UNet's output: what each inner layer takes and gives.
@@ -66,6 +74,67 @@ class UNetCall:
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         return self.unet(x, t, context)
+
+
+@dataclass
+class Control:
+    """One ControlNet steering a run (pass `control=` one or a list to txt2img, img2img, inpaint).
+
+    net: a ControlNet (`StableDiffusion.load_controlnet`), called as
+        net(x, t, context, hint, scale, guess_mode) -> residuals for `UNet.forward(control=)`;
+    image: the hint (edges, depth, pose...): a PIL image, a path or a uint8 array, resized to the
+        picture's size and read as RGB in [0, 1], as diffusers' ControlNet pipelines read it;
+    scale: the residuals' weight (diffusers' controlnet_conditioning_scale);
+    start, end: the part of the run it acts in, fractions of the steps run (0 and 1: all of them);
+    guess_mode: only the conditional half sees the ControlNet, its residuals weighted from 0.1 at
+        the first skip to 1 at the middle (`addons/controlnet.guess_mode_scales`)."""
+
+    net: Callable[..., ControlResiduals]
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+
+    def __post_init__(self):
+        if not callable(self.net):
+            raise ValueError(f"Control: net must be a ControlNet (sd.load_controlnet(path)), got {type(self.net).__name__}")
+        if not isinstance(self.scale, (int, float)) or not abs(self.scale) < float("inf"):
+            raise ValueError(f"Control: scale must be a finite number, got {self.scale!r}")
+        if not (isinstance(self.start, (int, float)) and isinstance(self.end, (int, float)) and 0 <= self.start < self.end <= 1):
+            raise ValueError(f"Control: start and end must satisfy 0 ≤ start < end ≤ 1, got {self.start!r} and {self.end!r}")
+
+    def steps_on(self, timesteps: Tensor) -> set[float]:
+        """The timesteps (of the run's, in order) at which it acts: step k of N when
+        start ≤ k/N and (k + 1)/N ≤ end, diffusers' rule."""
+        n = len(timesteps)
+        return {float(t) for k, t in enumerate(timesteps.tolist()) if self.start <= k / n and (k + 1) / n <= self.end}
+
+
+class Controlled:
+    """The innermost layer with ControlNets: the UNet's output with every active ControlNet's
+    residuals summed into its skips. `hints[i]`: (B, 3, H, W) in [0, 1] for the B images of the
+    run; a batch of k·B rows (the guidance halves) gets it k times."""
+
+    def __init__(self, unet: UNet, controls: list[Control], hints: list[Tensor], timesteps: Tensor):
+        self.unet, self.controls, self.hints = unet, controls, hints
+        self.active = [control.steps_on(timesteps) for control in controls]
+
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        total: ControlResiduals | None = None
+        for control, hint, active in zip(self.controls, self.hints, self.active):
+            if float(t) not in active:
+                continue
+            B = hint.shape[0]
+            skip = B if control.guess_mode and x.shape[0] > B else 0  # guess mode: not the unconditional rows
+            rows = x.shape[0] - skip
+            down, mid = control.net(x[skip:, :control.net.in_channels], t, context[skip:],
+                                    hint.repeat(rows // B, 1, 1, 1), control.scale, control.guess_mode)
+            if skip:
+                down = [torch.cat([r.new_zeros((skip, *r.shape[1:])), r]) for r in down]
+                mid = torch.cat([mid.new_zeros((skip, *mid.shape[1:])), mid])
+            total = (down, mid) if total is None else ([a + b for a, b in zip(total[0], down)], total[1] + mid)
+        return self.unet(x, t, context, control=total)
 
 
 class ConcatCondition:

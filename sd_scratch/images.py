@@ -37,13 +37,19 @@ def open_image(image, name: str) -> Image.Image:
     return image
 
 
-def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """PIL image (any mode: RGBA, palette and grayscale become RGB) -> (1, 3, H, W) in [-1, 1]."""
+def image_to_unit_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """PIL image (any mode: RGBA, palette and grayscale become RGB) -> (1, 3, H, W) in [0, 1],
+    resized with Lanczos where its size differs (a ControlNet's hint is read like this)."""
     image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3) in [0, 1]
-    return pixels.permute(2, 0, 1)[None] * 2.0 - 1.0
+    return pixels.permute(2, 0, 1)[None]
+
+
+def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """PIL image -> (1, 3, H, W) in [-1, 1], the VAE's pixel range."""
+    return image_to_unit_tensor(image, height, width) * 2.0 - 1.0
 
 
 def mask_to_tensor(mask: Image.Image, height: int, width: int) -> torch.Tensor:

@@ -42,8 +42,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .guidance import (AsEpsilon, ClassifierFreeGuidance, ClassifierGuidance, ComposedGuidance, ConcatCondition, Context,
-                       ContextSchedule, UNetCall, Unguided)
-from .images import decode, encode, image_to_tensor, mask_to_tensor, open_image
+                       ContextSchedule, Control, Controlled, UNetCall, Unguided)
+from .images import decode, encode, image_to_tensor, image_to_unit_tensor, mask_to_tensor, open_image
 from .noise_schedule import SPACINGS, RandomSource, draw_noise
 from .prompts import (EMPHASES, LONG_PROMPT_MODES, SYNTAXES, as_prompt_list, encode_prompts, prompt_schedule,
                       split_and)
@@ -402,11 +402,40 @@ def _composed(sd: StableDiffusion, prompts: list[str], negatives: list[str], s: 
     return conds, weights, uncond
 
 
+def _controls(control) -> list[Control]:
+    """`control=` as a list: None, one Control or several."""
+    controls = [] if control is None else [control] if isinstance(control, Control) else control
+    if not isinstance(controls, (list, tuple)) or not all(isinstance(c, Control) for c in controls):
+        raise ValueError("control must be a guidance.Control, a list of them or None, got "
+                         f"{type(control).__name__}")
+    return list(controls)
+
+
+def _hints(sd: StableDiffusion, controls: list[Control], run: _Run, s: GenerationSettings) -> list[torch.Tensor]:
+    """Each Control's image as the hint its ControlNet reads: RGB in [0, 1] at the picture's size,
+    (B, 3, H, W) for the run's B images."""
+    factor = sd.vae.config.factor
+    hints = []
+    for k, control in enumerate(controls):
+        net_factor = getattr(control.net, "hint_factor", factor)
+        if net_factor != factor:
+            raise ValueError(f"control[{k}]: this ControlNet's hint encoder shrinks the hint {net_factor} times, "
+                             f"the VAE {factor} times; it was made for another model")
+        image = open_image(control.image, f"control[{k}].image")
+        hint = image_to_unit_tensor(image, s.height, s.width).repeat(run.batch, 1, 1, 1)
+        hints.append(hint.to(sd.device, sd.dtype))
+    return hints
+
+
 def _model(sd: StableDiffusion, run: _Run, s: GenerationSettings, condition: torch.Tensor | None = None,
-           classifier: Callable | None = None, classifier_scale: float = 0.0):
-    """The model function of `guidance.py` for this run: the UNet call, the concat condition if
-    any, classifier-free guidance or none, the output as ε, then the classifier's gradient if any."""
-    out_of = UNetCall(sd.unet)
+           classifier: Callable | None = None, classifier_scale: float = 0.0, controls: list[Control] = ()):
+    """The model function of `guidance.py` for this run: the UNet call (with the ControlNets'
+    residuals, if any), the concat condition if any, classifier-free guidance or none, the output as
+    ε, then the classifier's gradient if any."""
+    if controls:
+        out_of = Controlled(sd.unet, controls, _hints(sd, controls, run, s), run.sampler.timesteps[run.begin:])
+    else:
+        out_of = UNetCall(sd.unet)
     if condition is not None:
         out_of = ConcatCondition(out_of, condition)
     if run.composed is not None:
@@ -460,22 +489,27 @@ def check_strength(strength: float, steps: int, conventions: str = "diffusers") 
 def txt2img(sd: StableDiffusion, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
             height: int | None = None, width: int | None = None, callback=None, progress: bool = True,
             classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-            classifier_scale: float = 1.0, **settings) -> list[Image.Image]:
+            classifier_scale: float = 1.0, control: Control | list[Control] | None = None,
+            **settings) -> list[Image.Image]:
     """Text to image. height/width default to the model family's native resolution (512 for SD v1,
-    64 for the built-in model). `settings`: steps, guidance_scale, seed, scheduler, num_images, eta,
-    karras, spacing, clip_skip, long_prompts, conventions (see GenerationSettings).
+    64 for the built-in model), or with `control` to its (first) image's size. `settings`: steps,
+    guidance_scale, seed, scheduler, num_images, eta, karras, spacing, clip_skip, long_prompts,
+    conventions (see GenerationSettings). control: ControlNets (`guidance.Control`).
     classifier: classifier guidance, `log_prob(x_t, t) -> (B,)` of a classifier of noisy latents
     (e.g. `training.classifier.NoisyLatentClassifier.log_prob` with the wanted attributes), its
     gradient added to the score × classifier_scale (`guidance.ClassifierGuidance`)."""
     if classifier is not None and not callable(classifier):
         raise ValueError(f"classifier must be a function log_prob(x_t, t) -> (B,), got {type(classifier).__name__}")
     s = GenerationSettings(height=height, width=width, **settings)
+    controls = _controls(control)
     run = _start(sd, prompt, negative_prompt, s)
-    s.height, s.width = s.height or sd.native_resolution, s.width or sd.native_resolution
     factor = sd.vae.config.factor
+    if controls:
+        s.height, s.width = _size_from_image(open_image(controls[0].image, "control[0].image"), s, factor)
+    s.height, s.width = s.height or sd.native_resolution, s.width or sd.native_resolution
     x = _noise((run.batch, sd.unet.config.out_channels, s.height // factor, s.width // factor), run, sd)
     x = x * run.sampler.init_noise_sigma
-    model = _model(sd, run, s, classifier=classifier, classifier_scale=classifier_scale)
+    model = _model(sd, run, s, classifier=classifier, classifier_scale=classifier_scale, controls=controls)
     x = denoise(model, run.sampler, x, run.generator, callback=callback, progress=progress)
     return _finish(sd, x, run, s)
 
@@ -483,24 +517,28 @@ def txt2img(sd: StableDiffusion, prompt: str | list[str], negative_prompt: str |
 @torch.no_grad()
 def img2img(sd: StableDiffusion, prompt: str | list[str], image, negative_prompt: str | list[str] = "", *,
             strength: float = 0.8, height: int | None = None, width: int | None = None, callback=None,
-            progress: bool = True, **settings) -> list[Image.Image]:
-    """SDEdit: encode `image`, noise it to the step `strength` picks (1 = pure noise), denoise from there."""
+            progress: bool = True, control: Control | list[Control] | None = None, **settings) -> list[Image.Image]:
+    """SDEdit: encode `image`, noise it to the step `strength` picks (1 = pure noise), denoise from
+    there. control: ControlNets (`guidance.Control`), their images resized to the picture's size."""
     s = GenerationSettings(height=height, width=width, **settings)
+    controls = _controls(control)
     image = open_image(image, "image")
     run = _start(sd, prompt, negative_prompt, s, strength)
     s.height, s.width = _size_from_image(image, s, sd.vae.config.factor)
     x0 = encode(sd, image_to_tensor(image, s.height, s.width), run.vae_generator).repeat(run.batch, 1, 1, 1)
     x = run.sampler.add_noise(x0, _noise(x0.shape, run, sd), run.begin)
-    x = denoise(_model(sd, run, s), run.sampler, x, run.generator, begin=run.begin, callback=callback,
-                progress=progress)
+    x = denoise(_model(sd, run, s, controls=controls), run.sampler, x, run.generator, begin=run.begin,
+                callback=callback, progress=progress)
     return _finish(sd, x, run, s, strength)
 
 
 @torch.no_grad()
 def inpaint(sd: StableDiffusion, prompt: str | list[str], image, mask, negative_prompt: str | list[str] = "", *,
             strength: float = 1.0, height: int | None = None, width: int | None = None, callback=None,
-            progress: bool = True, **settings) -> list[Image.Image]:
-    """Repaint where `mask` is white, keep where it is black."""
+            progress: bool = True, control: Control | list[Control] | None = None, **settings) -> list[Image.Image]:
+    """Repaint where `mask` is white, keep where it is black. control: ControlNets (`guidance.Control`);
+    with the 9-channel UNet a ControlNet reads the 4-channel latent, as diffusers' does."""
+    controls = _controls(control)
     if sd.unet.config.in_channels not in (4, 9):
         raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {sd.unet.config.in_channels}")
     s = GenerationSettings(height=height, width=width, **settings)
@@ -540,8 +578,8 @@ def inpaint(sd: StableDiffusion, prompt: str | list[str], image, mask, negative_
             x_known = sampler.add_noise(known, noise, i + 1) if i + 1 < len(sampler.timesteps) else known
             return (1 - m_latent) * x_known + m_latent * x
 
-    x = denoise(_model(sd, run, s, condition), sampler, x, run.generator, begin=run.begin, after_step=after_step,
-                callback=callback, progress=progress)
+    x = denoise(_model(sd, run, s, condition, controls=controls), sampler, x, run.generator, begin=run.begin,
+                after_step=after_step, callback=callback, progress=progress)
     return _finish(sd, x, run, s, strength)
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from . import pipelines
-from .addons import hypernetwork, lora, textual_inversion
+from .addons import controlnet, hypernetwork, lora, textual_inversion
 from .memory.vae_tiling import check_tile
 from .text_encoder import CLIPTextEncoder
 from .tokenizer import CLIPTokenizer
@@ -140,6 +140,11 @@ class StableDiffusion:
         """Take every hypernetwork off again: the model's own outputs, exactly."""
         hypernetwork.unload_hypernetwork(self)
         return self
+
+    def load_controlnet(self, path) -> controlnet.ControlNet:
+        """A ControlNet file or diffusers folder for this model, on its device and in its dtype; pass it
+        to the pipelines as `control=Control(net, image, scale, start, end)`. See `addons/controlnet.py`."""
+        return controlnet.load_controlnet(path, self.unet.config, self.device, self.dtype)
 
     def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = "",
                       **settings) -> tuple[torch.Tensor, torch.Tensor | None]:

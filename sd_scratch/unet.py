@@ -314,6 +314,56 @@ class MidBlock(nn.Module):
         return self.resnets[1](x, t_emb)
 
 
+def down_path(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder half of the U (after conv_in): the down levels, and the width of every tensor it
+    pushes for the up path, conv_in's output first. A ControlNet (addons/controlnet.py) builds its
+    copy of the encoder with this same function."""
+    time_dim, n_levels = cfg.time_embed_dim, len(cfg.channels)
+    skip_channels = [cfg.channels[0]]
+    levels = nn.ModuleList()
+    c = cfg.channels[0]
+    for i, (c_out, attends) in enumerate(zip(cfg.channels, cfg.attention_levels)):
+        resnets, attentions = [], []
+        for _ in range(cfg.layers_per_level):
+            resnets.append(ResnetBlock(c, c_out, time_dim, cfg.norm_groups))
+            attentions += [SpatialTransformer(c_out, cfg.heads_at(i), cfg)] if attends else []
+            c = c_out
+            skip_channels.append(c)
+        level = Level(resnets, attentions)
+        if i < n_levels - 1:
+            level.downsamplers = nn.ModuleList([Downsample(c)])
+            skip_channels.append(c)
+        levels.append(level)
+    return levels, skip_channels
+
+
+def run_down_path(levels: nn.ModuleList, h: torch.Tensor, t_emb: torch.Tensor,
+                  context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run `down_path`'s levels on conv_in's output h: (the tensor for the middle, the skips)."""
+    skips = [h]
+    for level in levels:
+        for resnet, attention in level.blocks():
+            h = resnet(h, t_emb)
+            h = h if attention is None else attention(h, context)
+            skips.append(h)
+        if hasattr(level, "downsamplers"):
+            h = level.downsamplers[0](h)
+            skips.append(h)
+    return h, skips
+
+
+def check_timesteps(t: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
+    """A scalar or (B,) timestep as a (B,) tensor; any other shape is an error."""
+    t = torch.as_tensor(t, device=device)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+        raise ValueError(f"unet: t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    return t.reshape(-1).expand(batch)
+
+
+# Extra residuals from a ControlNet: one per skip (the up path's inputs), and one for the middle.
+ControlResiduals = tuple[list[torch.Tensor], torch.Tensor]
+
+
 class UNet(nn.Module):
     """ε_θ(x_t, t, context) for SD v1, the 9-channel inpainting UNet and tiny configs alike."""
 
@@ -332,22 +382,8 @@ class UNet(nn.Module):
         self.time_embedding = TimestepMLP(cfg.channels[0], time_dim)
 
         # Down path. `skip_channels` records the width of every tensor pushed for the up path.
-        skip_channels = [cfg.channels[0]]
-        self.down_blocks = nn.ModuleList()
-        c = cfg.channels[0]
-        for i, (c_out, attends) in enumerate(zip(cfg.channels, cfg.attention_levels)):
-            resnets, attentions = [], []
-            for _ in range(cfg.layers_per_level):
-                resnets.append(ResnetBlock(c, c_out, time_dim, groups))
-                attentions += [transformer(c_out, i)] if attends else []
-                c = c_out
-                skip_channels.append(c)
-            level = Level(resnets, attentions)
-            if i < n_levels - 1:
-                level.downsamplers = nn.ModuleList([Downsample(c)])
-                skip_channels.append(c)
-            self.down_blocks.append(level)
-
+        self.down_blocks, skip_channels = down_path(cfg)
+        c = skip_channels[-1]
         self.mid_block = MidBlock(c, time_dim, cfg)
 
         # Up path: levels in reverse, each with one more ResNet than on the way down, each ResNet
@@ -367,33 +403,29 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, c, eps=RESNET_NORM_EPS)
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, H, W) noisy latent; t: scalar or (B,) timesteps; context: (B, T, context_dim)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor,
+                control: ControlResiduals | None = None) -> torch.Tensor:
+        """x: (B, in_channels, H, W) noisy latent; t: scalar or (B,) timesteps; context: (B, T, context_dim).
+        control: a ControlNet's residuals (`addons/controlnet.py`), added to every skip and to the
+        middle's output before the up path reads them (Zhang et al. 2023, eq. 2)."""
         cfg = self.config
         B, C, H, W = x.shape
         if C != cfg.in_channels:
             raise ValueError(f"unet: x has {C} channels, this UNet takes {cfg.in_channels}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
             raise ValueError(f"unet: context must be (B={B}, tokens, {cfg.context_dim}), got {tuple(context.shape)}")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, B)):
-            raise ValueError(f"unet: t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
-        t = t.reshape(-1).expand(B)
+        t = check_timesteps(t, B, x.device)
 
         t_emb = self.time_embedding(timestep_embedding(t, cfg.channels[0]).to(x.dtype))  # (B, 4·C0)
 
-        h = self.conv_in(x)
-        skips = [h]
-        for level in self.down_blocks:
-            for resnet, attention in level.blocks():
-                h = resnet(h, t_emb)
-                h = h if attention is None else attention(h, context)
-                skips.append(h)
-            if hasattr(level, "downsamplers"):
-                h = level.downsamplers[0](h)
-                skips.append(h)
-
+        h, skips = run_down_path(self.down_blocks, self.conv_in(x), t_emb, context)
         h = self.mid_block(h, t_emb, context)
+        if control is not None:
+            down, mid = control
+            if len(down) != len(skips):
+                raise ValueError(f"unet: control has {len(down)} residuals for {len(skips)} skips")
+            skips = [s + r for s, r in zip(skips, down)]
+            h = h + mid
 
         for level in self.up_blocks:
             for resnet, attention in level.blocks():
