@@ -159,8 +159,8 @@ def transformers_name(key: str, stages: int, layers: int) -> str:
 
 
 def layout_of(keys) -> str | None:
-    """"midas", "sd-depth" (SD 2 depth checkpoint), "sd" (an SD checkpoint with no depth model),
-    "transformers", or None (none of these)."""
+    """Which layout the keys are in: "midas", "sd-depth" (an SD 2 depth checkpoint), "sd" (an SD
+    checkpoint with no depth model), "transformers", or None (none of these)."""
     keys = list(keys)
     if any(k.startswith(DEPTH_PREFIX) for k in keys):
         return "sd-depth"
