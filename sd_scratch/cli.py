@@ -21,8 +21,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import pipelines
+from .addons.canny import ANNOTATOR_HIGH_THRESHOLD, ANNOTATOR_LOW_THRESHOLD, canny
 from .checkpoints.load import BUILTIN_MODEL, load
-from .guidance import PREDICTION_TYPES
+from .guidance import PREDICTION_TYPES, Control, check_control
+from .images import open_image
 from .noise_schedule import SPACINGS
 from .prompts import LONG_PROMPT_MODES, SYNTAXES
 from .samplers import ALIASES, CONVENTIONS, DEFAULT_SPACING, SAMPLER_NAMES, SAMPLERS
@@ -107,6 +109,22 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--prompt-syntax", choices=SYNTAXES, default="a1111",
                    help="a1111: (word:1.2), [word], BREAK as AUTOMATIC1111 reads them; plain: the text as it is "
                         "(default: %(default)s)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet file or diffusers folder for this model; repeat for several, each with its "
+                        "--control-image")
+    p.add_argument("--control-image", action="append", default=[], metavar="PATH",
+                   help="the hint a --controlnet reads (edges, depth, pose), in the same order; resized to the picture "
+                        "(txt2img's default size is the first hint's)")
+    for flag, default, text in (("scale", 1.0, "the ControlNet's weight"),
+                                ("start", 0.0, "the fraction of the steps after which it starts acting"),
+                                ("end", 1.0, "the fraction of the steps after which it stops")):
+        p.add_argument(f"--control-{flag}", action="append", type=float, default=[], metavar="X",
+                       help=f"{text}: once for all ControlNets or once each (default: {default})")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="ControlNets act on the conditional half only, weighted 0.1 → 1 from the first skip to the middle")
+    p.add_argument("--canny", nargs="*", type=float, default=None, metavar="THRESHOLD",
+                   help="turn each --control-image into its Canny edges first; optionally the low and high thresholds "
+                        f"(default: {ANNOTATOR_LOW_THRESHOLD:g} {ANNOTATOR_HIGH_THRESHOLD:g}, ControlNet's annotator's)")
     p.add_argument("--num-images", type=int, default=1, help="images to make (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights' precision (default: %(default)s)")
@@ -159,6 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     pipelines.GenerationSettings(**settings).check(factor=1)
     if args.command != "txt2img":
         pipelines.check_strength(args.strength, args.steps, args.conventions)
+    hints, per_control = _control_options(args)
 
     sd = load(args.checkpoint, device=args.device, dtype=args.dtype, prediction_type=args.prediction_type)
     if args.fast:
@@ -167,6 +186,9 @@ def _run(args: argparse.Namespace) -> int:
         sd.set_attention_slicing().set_vae_tiling()
     # No --height/--width: txt2img draws at the model's native size, the others at the image's.
     common = dict(height=args.height, width=args.width, progress=not args.quiet, lora_dir=args.lora_dir, **settings)
+    if args.controlnet:
+        common["control"] = [Control(sd.load_controlnet(path), hint, *values, guess_mode=args.guess_mode)
+                             for path, hint, values in zip(args.controlnet, hints, per_control)]
     if args.command == "txt2img":
         images = sd.txt2img(prompt, args.negative_prompt, **common)
     elif args.command == "img2img":
@@ -179,6 +201,33 @@ def _run(args: argparse.Namespace) -> int:
         image.save(path, format="PNG", pnginfo=info)
         print(path)
     return 0
+
+
+def _control_options(args: argparse.Namespace) -> tuple[list[Image.Image], list[tuple[float, float, float]]]:
+    """The hint images (Canny edges with --canny) and each ControlNet's (scale, start, end), checked
+    before the model is loaded."""
+    n = len(args.controlnet)
+    if len(args.control_image) != n:
+        raise UsageError(f"{n} --controlnet and {len(args.control_image)} --control-image: give one hint per ControlNet")
+    columns = []
+    for flag, default in (("scale", 1.0), ("start", 0.0), ("end", 1.0)):
+        values = getattr(args, f"control_{flag}")
+        if n == 0 and values:
+            raise UsageError(f"--control-{flag} without --controlnet")
+        if len(values) not in (0, 1, n):
+            raise UsageError(f"--control-{flag} given {len(values)} times for {n} ControlNets: give it once or once each")
+        columns.append(values * n if len(values) == 1 else values or [default] * n)
+    if args.canny is not None and len(args.canny) not in (0, 2):
+        raise UsageError(f"--canny takes no thresholds or two (low high), got {len(args.canny)}")
+    if (args.canny is not None or args.guess_mode) and n == 0:
+        raise UsageError(f"{'--canny' if args.canny is not None else '--guess-mode'} without --controlnet")
+    hints = [open_image(path, "--control-image") for path in args.control_image]
+    if args.canny is not None:
+        hints = [canny(hint, *args.canny) for hint in hints]
+    per_control = list(zip(*columns))
+    for values in per_control:
+        check_control(*values)
+    return hints, per_control
 
 
 def _settings_from_png(args: argparse.Namespace) -> None:

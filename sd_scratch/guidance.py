@@ -99,16 +99,21 @@ class Control:
     def __post_init__(self):
         if not callable(self.net):
             raise ValueError(f"Control: net must be a ControlNet (sd.load_controlnet(path)), got {type(self.net).__name__}")
-        if not isinstance(self.scale, (int, float)) or not abs(self.scale) < float("inf"):
-            raise ValueError(f"Control: scale must be a finite number, got {self.scale!r}")
-        if not (isinstance(self.start, (int, float)) and isinstance(self.end, (int, float)) and 0 <= self.start < self.end <= 1):
-            raise ValueError(f"Control: start and end must satisfy 0 ≤ start < end ≤ 1, got {self.start!r} and {self.end!r}")
+        check_control(self.scale, self.start, self.end)
 
     def steps_on(self, timesteps: Tensor) -> set[float]:
         """The timesteps (of the run's, in order) at which it acts: step k of N when
         start ≤ k/N and (k + 1)/N ≤ end, diffusers' rule."""
         n = len(timesteps)
         return {float(t) for k, t in enumerate(timesteps.tolist()) if self.start <= k / n and (k + 1) / n <= self.end}
+
+
+def check_control(scale: float, start: float, end: float) -> None:
+    """A Control's numbers: a finite scale, and 0 ≤ start < end ≤ 1."""
+    if not isinstance(scale, (int, float)) or not abs(scale) < float("inf"):
+        raise ValueError(f"Control: scale must be a finite number, got {scale!r}")
+    if not (isinstance(start, (int, float)) and isinstance(end, (int, float)) and 0 <= start < end <= 1):
+        raise ValueError(f"Control: start and end must satisfy 0 ≤ start < end ≤ 1, got {start!r} and {end!r}")
 
 
 class Controlled:

@@ -304,3 +304,63 @@ def test_a_controlnet_whose_hint_encoder_does_not_fit_the_vae_is_refused(pipelin
     net = load_controlnet_from_reference(*sd15_shaped)  # hint ÷8, the tiny VAE ÷4
     with pytest.raises(ValueError, match="shrinks the hint 8 times, the VAE 4 times"):
         sd.txt2img("a", steps=1, progress=False, control=Control(net, make_image()))
+
+
+# ---- the command line --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def builtin_controlnet(tmp_path_factory):
+    """A ControlNet for the built-in model (its encoder copied, the rest random: it changes the picture),
+    written in lllyasviel's layout, and an outline picture to steer with."""
+    from PIL import Image, ImageDraw
+
+    from sd_scratch.training.controlnet import controlnet_from_unet
+
+    folder = tmp_path_factory.mktemp("builtin_controlnet")
+    net = controlnet_from_unet(sd_scratch.load())
+    for name, tensor in net.named_parameters():
+        if name.startswith("controlnet_"):
+            torch.nn.init.normal_(tensor, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    save_file(controlnet_state_dict(net, "compvis"), str(folder / "net.safetensors"))
+    square = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(square).rectangle([16, 16, 40, 40], fill="white")
+    square.save(folder / "square.png")
+    return folder
+
+
+def test_cli_steers_with_a_controlnet_and_canny_edges(builtin_controlnet, tmp_path):
+    from PIL import Image
+
+    from sd_scratch.cli import main
+
+    args = ["txt2img", "a red circle", "--steps", "3", "--quiet"]
+    control = ["--controlnet", builtin_controlnet / "net.safetensors", "--control-image",
+               builtin_controlnet / "square.png", "--canny", "--control-scale", "0.8", "--control-end", "0.9"]
+    assert main([str(a) for a in args + ["-o", tmp_path / "plain.png"]]) == 0
+    assert main([str(a) for a in args + control + ["-o", tmp_path / "steered.png"]]) == 0
+    plain, steered = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("plain", "steered"))
+    assert np.abs(plain - steered).max() > 20
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--control-image", "x.png"], "0 --controlnet and 1 --control-image"),
+    (["--controlnet", "net", "--control-image", "a.png", "--control-scale", "1", "--control-scale", "2",
+      "--control-scale", "3"], "--control-scale given 3 times for 1 ControlNets"),
+    (["--canny"], "--canny without --controlnet"),
+    (["--controlnet", "net", "--control-image", "a.png", "--canny", "100"], "--canny takes no thresholds or two"),
+])
+def test_cli_control_options_are_checked_in_one_line(capsys, extra, message):
+    from sd_scratch.cli import main
+
+    assert main(["txt2img", "a red circle", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_cli_bad_control_window_is_one_line(builtin_controlnet, capsys):
+    from sd_scratch.cli import main
+
+    status = main(["txt2img", "a", "--controlnet", str(builtin_controlnet / "net.safetensors"), "--control-image",
+                   str(builtin_controlnet / "square.png"), "--control-start", "0.9", "--control-end", "0.1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and "0 ≤ start < end ≤ 1" in err[0]
