@@ -521,15 +521,77 @@ def img2img(sd: StableDiffusion, prompt: str | list[str], image, negative_prompt
     """SDEdit: encode `image`, noise it to the step `strength` picks (1 = pure noise), denoise from
     there. control: ControlNets (`guidance.Control`), their images resized to the picture's size."""
     s = GenerationSettings(height=height, width=width, **settings)
-    controls = _controls(control)
-    image = open_image(image, "image")
+    return _sdedit(sd, prompt, open_image(image, "image"), negative_prompt, strength, s, callback, progress,
+                   controls=_controls(control))
+
+
+def _sdedit(sd: StableDiffusion, prompt, image: Image.Image, negative_prompt, strength: float, s: GenerationSettings,
+            callback, progress: bool, condition: Callable[[int, int], torch.Tensor] | None = None,
+            controls: list[Control] = ()) -> list[Image.Image]:
+    """img2img's loop; `condition(h, w)`: the concat condition at the latent size, if any (depth)."""
     run = _start(sd, prompt, negative_prompt, s, strength)
-    s.height, s.width = _size_from_image(image, s, sd.vae.config.factor)
+    factor = sd.vae.config.factor
+    s.height, s.width = _size_from_image(image, s, factor)
     x0 = encode(sd, image_to_tensor(image, s.height, s.width), run.vae_generator).repeat(run.batch, 1, 1, 1)
     x = run.sampler.add_noise(x0, _noise(x0.shape, run, sd), run.begin)
-    x = denoise(_model(sd, run, s, controls=controls), run.sampler, x, run.generator, begin=run.begin,
+    extra = None if condition is None else condition(s.height // factor, s.width // factor)
+    x = denoise(_model(sd, run, s, extra, controls=controls), run.sampler, x, run.generator, begin=run.begin,
                 callback=callback, progress=progress)
     return _finish(sd, x, run, s, strength)
+
+
+DEPTH_CHANNELS = 1  # SD 2 depth's UNet reads the latent and one depth channel (5 in all)
+
+
+@torch.no_grad()
+def depth2img(sd: StableDiffusion, prompt: str | list[str], image, depth_map, negative_prompt: str | list[str] = "", *,
+              strength: float = 0.8, height: int | None = None, width: int | None = None, callback=None,
+              progress: bool = True, **settings) -> list[Image.Image]:
+    """Depth-to-image (`004 · 深度图转图像`, SD 2 depth): img2img whose UNet also reads a depth map as a
+    fifth input channel, so the picture keeps the image's layout while the prompt changes what is
+    in it. `depth_map`: relative inverse depth (larger = nearer), a tensor (H, W), (1 or B, H, W) or
+    (1 or B, 1, H, W) at any size, or a grayscale image; it is resized bicubically to the latent's
+    size and set to [−1, 1] per image, 2·(d − min)/(max − min) − 1, as diffusers does. With
+    `StableDiffusion.depth2img` it may be omitted: the model's depth estimator (MiDaS) makes it."""
+    expected = sd.vae.config.latent_channels + DEPTH_CHANNELS
+    if sd.unet.config.in_channels != expected:
+        raise ValueError(f"depth2img needs SD 2 depth's UNet ({expected} input channels: the latent and the depth), "
+                         f"this model's has {sd.unet.config.in_channels}")
+    s = GenerationSettings(height=height, width=width, **settings)
+    depth = depth_tensor(depth_map)
+    images_wanted = len(as_prompt_list(prompt, "prompt")) * s.num_images
+    if depth.shape[0] not in (1, images_wanted):
+        raise ValueError(f"depth_map holds {depth.shape[0]} maps; give one, or one per image ({images_wanted})")
+
+    def condition(h: int, w: int) -> torch.Tensor:
+        d = F.interpolate(depth.to(sd.device, torch.float32), size=(h, w), mode="bicubic", align_corners=False)
+        low, high = d.amin(dim=(1, 2, 3), keepdim=True), d.amax(dim=(1, 2, 3), keepdim=True)
+        d = 2 * (d - low) / (high - low) - 1  # (B, 1, h, w) in [-1, 1]
+        return d.to(sd.dtype).repeat(images_wanted // d.shape[0], 1, 1, 1)
+
+    return _sdedit(sd, prompt, open_image(image, "image"), negative_prompt, strength, s, callback, progress, condition)
+
+
+def depth_tensor(depth_map) -> torch.Tensor:
+    """A depth map as (N, 1, H, W) float32: from a tensor of 2, 3 or 4 dimensions, or from an image
+    (its grayscale, /255); a map with no range (max = min) or with NaN/Inf values is an error."""
+    if isinstance(depth_map, torch.Tensor):
+        depth = depth_map.detach().float().cpu()
+        shapes = {2: lambda d: d[None, None], 3: lambda d: d[:, None], 4: lambda d: d}
+        if depth.ndim not in shapes or (depth.ndim == 4 and depth.shape[1] != 1):
+            raise ValueError(f"depth_map must be (H, W), (N, H, W) or (N, 1, H, W), got {tuple(depth_map.shape)}")
+        depth = shapes[depth.ndim](depth)
+    else:
+        gray = open_image(depth_map, "depth_map").convert("L")
+        depth = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)[None, None]
+    if min(depth.shape[-2:]) < 1:
+        raise ValueError(f"depth_map is empty: {tuple(depth.shape[-2:])}")
+    if not torch.isfinite(depth).all():
+        raise ValueError("depth_map holds NaN or Inf values")
+    flat = depth.flatten(1)
+    if (flat.amax(1) == flat.amin(1)).any():
+        raise ValueError("depth_map is constant (max = min), so it says nothing about depth and cannot be set to [-1, 1]")
+    return depth
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from . import pipelines
-from .addons import controlnet, hypernetwork, lora, textual_inversion
+from .addons import controlnet, depth, hypernetwork, lora, textual_inversion
 from .memory.vae_tiling import check_tile
 from .text_encoder import CLIPTextEncoder
 from .tokenizer import CLIPTokenizer
@@ -57,6 +57,8 @@ class StableDiffusion:
         self.report = report
         self.vae_tile: int | None = None  # decode in tiles of this many latent pixels (None: whole)
         self.lora = lora.LoRAState()  # the LoRAs merged into the weights, and the weights they changed
+        self.depth_estimator: depth.DepthEstimator | None = None  # SD 2 depth's MiDaS, for depth2img
+        self.depth_input_size = depth.DPT_SIZE  # the side it reads images at
 
     @property
     def native_resolution(self) -> int:
@@ -146,6 +148,29 @@ class StableDiffusion:
         to the pipelines as `control=Control(net, image, scale, start, end)`. See `addons/controlnet.py`."""
         return controlnet.load_controlnet(path, self.unet.config, self.device, self.dtype)
 
+    def load_depth_estimator(self, path_or_tensors, input_size: int = depth.DPT_SIZE,
+                             source: str | None = None) -> StableDiffusion:
+        """The depth model `depth2img` estimates depth maps with: MiDaS's `dpt_hybrid-midas-501f0c75.pt`,
+        SD 2's `512-depth-ema.ckpt`, a transformers DPT folder, or such tensors already read. It runs
+        in float32 (its GroupNorm'd, weight-standardised convs are not fp16-safe), images squashed to
+        input_size × input_size as diffusers' depth pipeline does. See `addons/depth.py`."""
+        if isinstance(path_or_tensors, dict):
+            estimator = depth.depth_estimator_from_state_dict(path_or_tensors, source=source or "state dict")
+        else:
+            estimator = depth.load_depth_estimator(path_or_tensors)
+        self.depth_estimator = estimator.to(self.device, torch.float32).requires_grad_(False)
+        self.depth_input_size = input_size
+        return self
+
+    @torch.no_grad()
+    def estimate_depth(self, image) -> torch.Tensor:
+        """The depth estimator's relative inverse depth of `image`, (1, s, s) at its input size s."""
+        if self.depth_estimator is None:
+            raise ValueError("this model has no depth estimator: pass depth_map=, or sd.load_depth_estimator(path) "
+                             "with MiDaS's dpt_hybrid-midas-501f0c75.pt")
+        pixel_values = depth.prepare(image, size=self.depth_input_size).to(self.device, torch.float32)
+        return self.depth_estimator(pixel_values)
+
     def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = "",
                       **settings) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond, uncond) text embeddings, weighted as the prompt syntax says; see `pipelines.encode_prompt`."""
@@ -166,6 +191,17 @@ class StableDiffusion:
                 lora_dir=None, **kwargs) -> list[Image.Image]:
         """Repaint the white part of `mask`; see `pipelines.inpaint`."""
         return self._with_prompt_loras(pipelines.inpaint, prompt, lora_dir, image, mask, negative_prompt, **kwargs)
+
+    def depth2img(self, prompt: str | list[str], image, negative_prompt: str | list[str] = "", *, depth_map=None,
+                  lora_dir=None, **kwargs) -> list[Image.Image]:
+        """Depth-to-image (SD 2 depth): img2img that keeps `image`'s layout through a depth map, given
+        or estimated by the depth estimator (`estimate_depth`); see `pipelines.depth2img`."""
+        if self.unet.config.in_channels != self.vae.config.latent_channels + pipelines.DEPTH_CHANNELS:
+            return pipelines.depth2img(self, prompt, image, depth_map, negative_prompt, **kwargs)  # says what is wrong
+        if depth_map is None:
+            depth_map = self.estimate_depth(image)
+        return self._with_prompt_loras(pipelines.depth2img, prompt, lora_dir, image, depth_map, negative_prompt,
+                                       **kwargs)
 
     def outpaint(self, prompt: str | list[str], image, negative_prompt: str | list[str] = "", *, lora_dir=None,
                  **kwargs) -> list[Image.Image]:

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import sd_scratch
 from sd_scratch.attention import attention
-from sd_scratch.checkpoints.rules import OPENCLIP_PREFIX, convert, original_unet_shape, unet_rules
+from sd_scratch.checkpoints.rules import convert, original_unet_shape, unet_rules
 from sd_scratch.unet import UNet, UNetConfig
 from tests.reference import (SD15_SCHEDULER, SD15_SCHEDULER_CONFIG, TINY_SD2_TEXT, TINY_SD2_UNET, TINY_VAE,
                              make_text_encoder, make_unet, make_vae, rel_err, sd2_single_file_layout,
@@ -165,16 +165,6 @@ def test_with_nothing_to_say_the_probe_guesses_and_says_so(sd2_files):
     assert model.prediction_type in ("epsilon", "v_prediction")
     assert any("probe" in str(w.message) for w in caught)
     assert any("guessed" in n for n in model.report.notes)
-
-
-def test_an_sd2_depth_file_is_refused_in_words(sd2_files, tmp_path):
-    sd = load_file(sd2_files / "v2-1_768-ema-pruned.safetensors")
-    key = "model.diffusion_model.input_blocks.0.0.weight"
-    sd[key] = torch.randn(sd[key].shape[0], 5, 3, 3)
-    save_file(sd, str(tmp_path / "512-depth-ema.safetensors"))
-    with pytest.raises(ValueError, match=r"512-depth-ema\.safetensors: it is SD 2's depth-to-image model"):
-        sd_scratch.load(tmp_path / "512-depth-ema.safetensors")
-    assert OPENCLIP_PREFIX + "logit_scale" in sd
 
 
 # ---- the pipelines on SD 2.x: ε and v ----------------------------------------------------------

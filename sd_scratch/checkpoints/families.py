@@ -67,8 +67,7 @@ FAMILIES: tuple[Family, ...] = (
            native_resolution=768, **SD2),
     Family("sd2", "SD 2.x 512-base", in_channels=LATENT_CHANNELS, **SD2),
     Family("sd2-inpainting", "SD 2.x inpainting", in_channels=INPAINT_CHANNELS, **SD2),
-    Family("sd2-depth", "SD 2.x depth", in_channels=LATENT_CHANNELS + 1, **SD2,
-           refusal="it is SD 2's depth-to-image model (5 input channels), which sd-scratch does not support yet"),
+    Family("sd2-depth", "SD 2.x depth", in_channels=LATENT_CHANNELS + 1, **SD2),  # the latent and a depth map
     # The built-in model (weights/README.md): SD v1's layout at toy sizes, trained on 64×64 pictures.
     Family("tiny-shapes", "the built-in shapes model", context_dim=128, in_channels=LATENT_CHANNELS,
            unet_widths=(64, 128), native_resolution=64),

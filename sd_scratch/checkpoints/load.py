@@ -55,6 +55,10 @@ EMA_SCALARS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
 POSITION_IDS = "embeddings.position_ids"
 # AUTOMATIC1111's threshold for its v-or-ε probe (modules/sd_models_config.py): mean(out − x) below it is v.
 PROBE_V_BELOW = -1.0
+# SD 2 depth's single file carries its MiDaS depth model under this prefix (ldm's LatentDepth2ImageDiffusion).
+DEPTH_MODEL_PREFIX = "depth_model."
+# The side the depth model reads images at when a folder's feature_extractor/ does not say (DPT-Hybrid's 384).
+DPT_INPUT_SIZE = 384
 # The built-in model (`weights/README.md`), shipped inside the package: what `load()` reads when
 # it is given no path.
 BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "data" / "tiny-shapes.safetensors"
@@ -117,6 +121,8 @@ class _Read:
     family: Family
     signature: Signature
     report: LoadReport
+    depth: dict | Path | None = None  # SD 2 depth's MiDaS: its tensors (a single file) or its folder
+    depth_input_size: int = DPT_INPUT_SIZE
 
 
 def _declared_prediction_type(path: Path, explicit: str | None) -> tuple[str | None, str]:
@@ -169,7 +175,11 @@ def _assemble(read: _Read, declared: tuple[str | None, str], device, dtype: torc
     report.notes.insert(0, f"model family: {family.title} ({family.name}; native {family.native_resolution}×"
                            f"{family.native_resolution}, predicts {family.prediction_type})")
     log.info("%s", report)
-    return StableDiffusion(tokenizer, text_encoder, unet, vae, family, name=Path(report.source).stem, report=report)
+    model = StableDiffusion(tokenizer, text_encoder, unet, vae, family, name=Path(report.source).stem, report=report)
+    if read.depth is not None:
+        model.load_depth_estimator(read.depth, read.depth_input_size, source=report.source)
+        report.notes.append(f"depth estimator: MiDaS DPT-Hybrid, read at {read.depth_input_size}×{read.depth_input_size}")
+    return model
 
 
 def _family(signature: Signature, source: Path, prediction_type: str | None) -> Family:
@@ -262,7 +272,9 @@ def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bo
         report.notes.append("the file holds EMA and raw UNet weights; using the raw ones (use_ema=False)")
         report.ignored += sorted(ema_keys)
 
-    leftovers = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, text_prefix)) and k not in ema_keys]
+    depth = {k: t for k, t in sd.items() if k.startswith(DEPTH_MODEL_PREFIX)} or None
+    leftovers = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, text_prefix, DEPTH_MODEL_PREFIX))
+                 and k not in ema_keys]
     known = [k for k in leftovers if k in SCHEDULE_BUFFERS or k in EMA_SCALARS]
     report.ignored += known
     _unknown_extras([k for k in leftovers if k not in known], path, strict, report)
@@ -285,7 +297,7 @@ def _parts_from_single_file(sd: dict[str, torch.Tensor], path: Path, use_ema: bo
     _build(text_encoder, text_sd, path, lambda k: text_prefix + k, strict, report)
     report.notes.append("tokenizer: the vendored CLIP BPE vocabulary (a single file carries none)")
     _check_context(unet, text_encoder, path)
-    return _Read((CLIPTokenizer(pad_id=family.pad_id), text_encoder, unet, vae), family, signature, report)
+    return _Read((CLIPTokenizer(pad_id=family.pad_id), text_encoder, unet, vae), family, signature, report, depth)
 
 
 def _take_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -351,7 +363,13 @@ def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool, decl
         tokenizer = CLIPTokenizer(pad_id=family.pad_id)
         report.notes.append("tokenizer: no tokenizer/ folder, so the vendored CLIP BPE vocabulary")
     _check_context(unet, text_encoder, folder)
-    return _Read((tokenizer, text_encoder, unet, vae), family, signature, report)
+    depth, size = None, DPT_INPUT_SIZE
+    if (folder / "depth_estimator").is_dir():  # SD 2 depth: transformers' DPT folder, its processor beside it
+        depth = folder / "depth_estimator"
+        processor = folder / "feature_extractor" / "preprocessor_config.json"
+        if processor.is_file():
+            size = _read_json(processor).get("size", {}).get("height", DPT_INPUT_SIZE)
+    return _Read((tokenizer, text_encoder, unet, vae), family, signature, report, depth, size)
 
 
 def _read_json(path: Path) -> dict:
