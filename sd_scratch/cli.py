@@ -3,6 +3,7 @@
     sd-scratch txt2img "a lighthouse at dusk" --checkpoint v1-5-pruned-emaonly.safetensors
     sd-scratch img2img "an oil painting" --image photo.jpg --strength 0.6 --checkpoint ...
     sd-scratch inpaint "a red door" --image house.png --mask door.png --checkpoint ...
+    sd-scratch depth2img "a stone castle" --image house.png --checkpoint 512-depth-ema.ckpt
 
 Each PNG carries its prompt and settings in a `parameters` text chunk, written in AUTOMATIC1111's
 format so other SD tools read them back (`PIL.Image.open(path).text["parameters"]`). On success the
@@ -21,6 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import pipelines
+from .addons import preview
 from .addons.canny import ANNOTATOR_HIGH_THRESHOLD, ANNOTATOR_LOW_THRESHOLD, canny
 from .checkpoints.load import BUILTIN_MODEL, load
 from .guidance import PREDICTION_TYPES, Control, check_control
@@ -48,10 +50,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description="Stable Diffusion v1 and v2 from scratch: generate images.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{txt2img,img2img,inpaint}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{txt2img,img2img,inpaint,depth2img}")
     for name, text in (("txt2img", "an image from a prompt"),
                        ("img2img", "a prompt-guided variation of --image (SDEdit)"),
-                       ("inpaint", "repaint the white part of --mask in --image")):
+                       ("inpaint", "repaint the white part of --mask in --image"),
+                       ("depth2img", "a variation of --image that keeps its depth map (SD 2 depth)")):
         sub = commands.add_parser(name, help=text, description=f"{name}: {text}.")
         _add_options(sub, name)
     return parser
@@ -68,12 +71,18 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--image", required=True, metavar="PATH", help="the input image")
     if command == "inpaint":
         p.add_argument("--mask", required=True, metavar="PATH", help="white = repaint, black = keep")
+    if command == "depth2img":
+        p.add_argument("--depth-map", metavar="PATH", default=None,
+                       help="a grayscale depth picture (white = near); default: the model's MiDaS estimates it")
+        p.add_argument("--depth-model", metavar="PATH", default=None,
+                       help="MiDaS's dpt_hybrid-midas-501f0c75.pt (or a transformers DPT folder), for a depth "
+                            "checkpoint that does not carry one")
     size_help = ("a multiple of 8 (default: the model's native size: 512 for SD v1, 64 for the built-in model)"
                  if command == "txt2img" else "a multiple of 8 (default: the image's)")
     p.add_argument("--height", type=int, default=None, help=size_help)
     p.add_argument("--width", type=int, default=None, help=size_help)
     if command != "txt2img":
-        p.add_argument("--strength", type=float, default=0.8 if command == "img2img" else 1.0,
+        p.add_argument("--strength", type=float, default=1.0 if command == "inpaint" else 0.8,
                        help="how much to change the image, in (0, 1] (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
@@ -140,6 +149,12 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="attention in slices and the VAE decoded in tiles: the same picture, less memory, "
                         "a little slower")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preview", type=int, default=0, metavar="N",
+                   help="every N steps, write a preview of the predicted picture x̂₀ beside the output (STEM-stepK.png)")
+    p.add_argument("--preview-decoder", default=None, metavar="PATH",
+                   help="a TAESD decoder (taesd_decoder.pth or a diffusers AutoencoderTiny folder) for --preview "
+                        "(default: the one distilled for the built-in model, or for other models the "
+                        "weightless latent-to-RGB matrix)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +193,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command != "txt2img":
         pipelines.check_strength(args.strength, args.steps, args.conventions)
     hints, per_control = _control_options(args)
+    if args.command == "depth2img" and args.controlnet:
+        raise UsageError("depth2img takes no --controlnet (the depth map is its condition)")
 
     sd = load(args.checkpoint, device=args.device, dtype=args.dtype, prediction_type=args.prediction_type)
     if args.fast:
@@ -185,7 +202,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.low_memory:
         sd.set_attention_slicing().set_vae_tiling()
     # No --height/--width: txt2img draws at the model's native size, the others at the image's.
-    common = dict(height=args.height, width=args.width, progress=not args.quiet, lora_dir=args.lora_dir, **settings)
+    common = dict(height=args.height, width=args.width, progress=not args.quiet, lora_dir=args.lora_dir,
+                  callback=_previewer(args, sd, outputs), **settings)
     if args.controlnet:
         common["control"] = [Control(sd.load_controlnet(path), hint, *values, guess_mode=args.guess_mode)
                              for path, hint, values in zip(args.controlnet, hints, per_control)]
@@ -193,14 +211,45 @@ def _run(args: argparse.Namespace) -> int:
         images = sd.txt2img(prompt, args.negative_prompt, **common)
     elif args.command == "img2img":
         images = sd.img2img(prompt, args.image, args.negative_prompt, strength=args.strength, **common)
-    else:
+    elif args.command == "inpaint":
         images = sd.inpaint(prompt, args.image, args.mask, args.negative_prompt, strength=args.strength, **common)
+    else:
+        if args.depth_model is not None:
+            sd.load_depth_estimator(args.depth_model)
+        depth_map = None if args.depth_map is None else open_image(args.depth_map, "--depth-map")
+        images = sd.depth2img(prompt, args.image, args.negative_prompt, depth_map=depth_map, strength=args.strength,
+                              **common)
     for image, path in zip(images, outputs):
         info = PngInfo()
         info.add_text("parameters", image.info["parameters"])  # the settings, as the pipeline recorded them
         image.save(path, format="PNG", pnginfo=info)
         print(path)
     return 0
+
+
+def _previewer(args: argparse.Namespace, sd, outputs: list[Path]):
+    """For --preview N: a callback that writes every N-th step's x̂₀ as a picture, by a TAESD decoder
+    (the built-in model's own by default) or, with none for this model, the cheap latent-to-RGB matrix."""
+    if args.preview < 0:
+        raise ValueError(f"--preview must be a number of steps ≥ 1 (or 0: none), got {args.preview}")
+    if not args.preview:
+        return None
+    if args.preview_decoder is not None or sd.family.name == "tiny-shapes":
+        decoder = preview.load_preview_decoder(args.preview_decoder)
+        to_pictures = decoder.pictures
+    else:
+        matrix = preview.cheap_matrix_for(sd.family.name)
+        factor = sd.vae.config.factor
+
+        def to_pictures(latents):
+            return [p.resize((p.width * factor, p.height * factor), Image.NEAREST)
+                    for p in preview.as_pictures(preview.cheap_preview(latents, matrix))]
+
+    def write(info) -> None:
+        if (info.step + 1) % args.preview == 0:
+            for picture, path in zip(to_pictures(info.x0_pred), outputs):
+                picture.save(path.with_name(f"{path.stem}-step{info.step + 1}.png"))
+    return write
 
 
 def _control_options(args: argparse.Namespace) -> tuple[list[Image.Image], list[tuple[float, float, float]]]:

@@ -2,9 +2,11 @@
 layouts; the shipped decoder for the built-in model against its VAE; the cheap matrix; refusals."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -181,3 +183,25 @@ def test_latents_of_the_wrong_shape_are_refused():
         preview(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"\(B, 4, h, w\); got \(4, 8, 8\)"):
         cheap_preview(torch.zeros(4, 8, 8))
+
+
+def test_the_cli_writes_previews_close_to_the_final_picture(tmp_path):
+    """`--preview 2`: steps 2 and 4 of 4 written beside the output; the last step's x̂₀, through the
+    shipped preview decoder, is close to the VAE's final picture (the decoder's measured error)."""
+    from sd_scratch.cli import main
+
+    out = tmp_path / "out.png"
+    assert main(["txt2img", "a red circle", "--steps", "4", "--quiet", "--preview", "2", "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-step2.png", "out-step4.png", "out.png"]
+    final = np.asarray(Image.open(out), dtype=np.float32)
+    last = np.asarray(Image.open(tmp_path / "out-step4.png"), dtype=np.float32)
+    assert last.shape == final.shape and np.abs(last - final).mean() < 12
+
+
+def test_the_cli_preview_of_another_model_uses_the_cheap_matrix(tiny_checkpoint, tmp_path):
+    from sd_scratch.cli import main
+
+    out = tmp_path / "out.png"
+    assert main(["txt2img", "a", "--checkpoint", str(tiny_checkpoint["folder"]), "--height", "32", "--width", "32",
+                 "--steps", "2", "--quiet", "--preview", "1", "-o", str(out)]) == 0
+    assert Image.open(tmp_path / "out-step1.png").size == (32, 32)

@@ -195,11 +195,14 @@ class StepRecorder:
                 float((s.eps_cond - s.eps_uncond).norm() / s.eps_cond.norm()) for s in self.steps]
 
     def decoded(self, sd: StableDiffusion, which: str = "x0_pred", index: int = 0,
-                steps: Sequence[int] | None = None) -> list[Image.Image]:
+                steps: Sequence[int] | None = None, preview=None) -> list[Image.Image]:
         """Image `index` of the batch, decoded by the VAE at every step (or at the recorded `steps`
-        given); `which` is x_t or x0_pred."""
+        given); `which` is x_t or x0_pred. `preview`: a preview decoder instead of the VAE
+        (`addons.preview.load_preview_decoder()`, several times faster; its `.pictures(latents)` is used)."""
         chosen = self.steps if steps is None else [self.steps[k] for k in steps]
         latents = torch.stack([getattr(s, which)[index] for s in chosen])  # (steps, 4, h, w)
+        if preview is not None:
+            return preview.pictures(latents)
         return decode(sd, latents.to(sd.device, sd.dtype))
 
     def channel_images(self, which: str = "eps_cond", channel: int = 0, index: int = 0,
@@ -214,16 +217,17 @@ class StepRecorder:
         return [_zoomed(heatmap(f, low=low, high=high), zoom) for f in frames]
 
     def filmstrip(self, sd: StableDiffusion, every: int = 1, index: int = 0, zoom: int = 2,
-                  tile: int | None = None) -> Image.Image:
+                  tile: int | None = None, preview=None) -> Image.Image:
         """The x-ray of one image: x_t and x̂₀ decoded, ε_cond's first channel, and the guidance
         difference ε_cond − ε_uncond (when guided), for every `every`-th step. Frames are the decoded
-        image's size times `zoom`, or `tile` pixels wide when given (to shrink 512×512 frames)."""
+        image's size times `zoom`, or `tile` pixels wide when given (to shrink 512×512 frames);
+        `preview`: a preview decoder for the x_t and x̂₀ rows instead of the VAE (see `decoded`)."""
         keep = list(range(0, len(self.steps), every))
         if keep[-1] != len(self.steps) - 1:
             keep.append(len(self.steps) - 1)
         pick = lambda frames: [frames[k] for k in keep]  # noqa: E731
         latent_zoom = zoom * sd.vae.config.factor  # a latent pixel covers factor × factor image pixels
-        decoded = lambda which: [_zoomed(im, zoom) for im in self.decoded(sd, which, index, keep)]  # noqa: E731
+        decoded = lambda which: [_zoomed(im, zoom) for im in self.decoded(sd, which, index, keep, preview)]  # noqa: E731
         rows = {"x_t": decoded("x_t"), "x0_pred": decoded("x0_pred"),
                 "eps_ch0": pick(self.channel_images("eps_cond", index=index, zoom=latent_zoom))}
         if self.steps[0].eps_uncond is not None:
