@@ -123,6 +123,28 @@ def test_every_layout_loads_to_the_reference(sd15_shaped, tmp_path, layout):
     assert_residuals_match(ours, ref, 0.9)
 
 
+def test_an_sd2_controlnet_matches_diffusers_in_both_layouts(tmp_path):
+    """SD 2.x ControlNets (Linear projections, per-level heads, a 1024-wide text in the real ones)
+    through the same code: the family's UNet config gives what the tensors do not."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    sd2_unet = make_unet(TINY_SD2_UNET)
+    ref = reference_controlnet(sd2_unet, 5)
+    unet_config = UNetConfig.from_diffusers_config(dict(sd2_unet.config))
+    ref.save_pretrained(tmp_path / "folder")
+    ours = load_controlnet(tmp_path / "folder", unet_config)
+    compvis = controlnet_state_dict(ours, "compvis")
+    back = convert_controlnet_checkpoint(compvis, dict(ref.config))
+    assert all(torch.equal(back[k], t) for k, t in ref.state_dict().items())
+    save_file(compvis, str(tmp_path / "sd2-control.safetensors"))
+    x, t, context, hint = inputs()
+    for net in (ours, load_controlnet(tmp_path / "sd2-control.safetensors", unet_config)):
+        with torch.no_grad():
+            want_down, want_mid = ref(x, t, context, hint, conditioning_scale=0.8, return_dict=False)
+            down, mid = net(x, t, context, hint, 0.8)
+        assert max(rel_err(a, b) for a, b in zip([*down, mid], [*want_down, want_mid])) <= TOLERANCE
+
+
 def test_a_controlnet_for_another_family_is_refused_in_words(tmp_path, tiny_checkpoint):
     sd2_net = reference_controlnet(make_unet(TINY_SD2_UNET), 3)
     sd2_net.save_pretrained(tmp_path / "sd2")
