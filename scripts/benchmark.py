@@ -28,13 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sd_scratch.tokenizer import DEFAULT_BPE_PATH  # noqa: E402
 from sd_scratch.checkpoints.load import from_single_file_state_dict  # noqa: E402
+from sd_scratch.addons.preview import TAESDDecoder, official_name  # noqa: E402
 from sd_scratch.memory.vae_tiling import decode_tiled  # noqa: E402
 from tests.reference import (SD15_SCHEDULER, make_reference_models, rel_err, single_file_layout,  # noqa: E402
                              write_tokenizer_folder)
 
 MODES = {"fp32": (torch.float32, False), "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False),
          "fp16-compiled": (torch.float16, True), "fp32-compiled": (torch.float32, True)}
-ROWS = ["unet", "text", "decode", "image"]
+ROWS = ["unet", "text", "decode", "preview", "image"]
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -125,6 +126,27 @@ def compare_tiled_decode(ours, ref, args, g: torch.Generator) -> dict:
     return row | {f"{who}_rel_err_to_whole": rel_err(image, whole) for who, image in last.items()}
 
 
+def compare_preview(ours, ref, args, g: torch.Generator) -> list[dict]:
+    """The preview decoder (`addons/preview.py`, TAESD's 64-wide architecture) on diffusers'
+    `AutoencoderTiny` decoder's random weights: ours against diffusers' (with the relative error of
+    the images), and ours against the full VAE decode, which is what a preview saves."""
+    from diffusers import AutoencoderTiny
+
+    device, dtype = args.device, next(ours.vae.parameters()).dtype
+    tiny = AutoencoderTiny().to(device, dtype).eval()
+    preview = TAESDDecoder().to(device, dtype).eval()
+    preview.load_state_dict({official_name(k)[1]: v for k, v in tiny.state_dict().items() if k.startswith("decoder.")})
+    h = args.decode_size // ours.vae.config.factor
+    z = torch.randn(1, 4, h, h, generator=g).to(device, dtype)
+    size = f"{args.decode_size}×{args.decode_size}"
+    row = compare(f"TAESD decode, {size}", lambda: preview(z), lambda: tiny.decoder(z), device, args.warmup,
+                  args.repeats)
+    row["rel_err"] = rel_err(preview(z).float() * 2 - 1, tiny.decoder(z).float())  # diffusers' gives [-1, 1]
+    against_vae = compare(f"TAESD decode vs diffusers' VAE decode, {size}", lambda: preview(z),
+                          lambda: ref.vae.decode(z).sample, device, args.warmup, args.repeats)
+    return [row, against_vae]
+
+
 def run_mode(mode: str, args, tmp: Path) -> list[dict]:
     dtype, compiled = MODES[mode]
     device = args.device
@@ -151,6 +173,8 @@ def run_mode(mode: str, args, tmp: Path) -> list[dict]:
             z = torch.randn(1, 4, h, h, generator=g).to(device, dtype)
             rows.append(compare(f"VAE decode, {args.decode_size}×{args.decode_size}", lambda: ours.vae.decode(z),
                                 lambda: ref.vae.decode(z).sample, device, args.warmup, args.repeats))
+        if "preview" in args.rows:
+            rows += compare_preview(ours, ref, args, g)
         if args.tiled_decode_size:
             rows.append(compare_tiled_decode(ours, ref, args, g))
     size = args.image_size
@@ -192,6 +216,8 @@ def main() -> None:
     print(f"{'mode':<14} {'what':<44} {'ours s':>9} {'diffusers s':>11} {'ratio':>6}")
     for r in rows:
         memory = f"   peak GB {r['ours_peak_gb']:.2f} vs {r['diffusers_peak_gb']:.2f}" if "ours_peak_gb" in r else ""
+        if "rel_err" in r:
+            memory += f"   rel. error {r['rel_err']:.1e}"
         if "ours_rel_err_to_whole" in r:
             memory += (f"   off the whole decode: ours {r['ours_rel_err_to_whole']:.1e}, "
                        f"diffusers {r['diffusers_rel_err_to_whole']:.1e}")
