@@ -233,3 +233,18 @@ def test_inputs_the_model_cannot_take_are_refused(files):
         estimator(torch.zeros(3, 64, 64))
     with pytest.raises(ValueError, match="resize to different sizes"):
         prepare([Image.new("RGB", (64, 32)), Image.new("RGB", (32, 64))], keep_aspect=True)
+
+
+def test_depth_picture_stretches_the_range_farthest_black_nearest_white(reference, files):
+    from sd_scratch.addons.depth import depth_picture
+
+    picture = depth_picture(torch.tensor([[1.0, 2.0], [3.0, 5.0]]))
+    assert picture.mode == "RGB" and np.asarray(picture)[..., 0].tolist() == [[0, 64], [128, 255]]
+    estimator = load_depth_estimator(files["transformers"])
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    depth = estimate_depth(estimator, image)[0]
+    grey = np.asarray(depth_picture(depth))[..., 0]
+    assert grey.shape == (48, 40) and grey.max() == 255 and grey.min() == 0
+    assert grey.flat[int(depth.argmax())] == 255 and grey.flat[int(depth.argmin())] == 0
+    with pytest.raises(ValueError, match="not constant"):
+        depth_picture(torch.ones(4, 4))

@@ -527,3 +527,19 @@ def build_depth_estimator(weights: DepthWeights, config: DepthConfig | None = No
     weights.check({k: t.shape for k, t in estimator.state_dict().items()})
     estimator.load_state_dict({k: t.to(device, dtype) for k, t in weights.tensors.items()}, strict=True, assign=True)
     return estimator.eval()
+
+
+def depth_picture(depth: torch.Tensor) -> Image.Image:
+    """A depth map (H, W) or (1, H, W), e.g. `estimate_depth`'s, as the hint picture a depth ControlNet
+    reads: its range stretched to 0–255, the farthest black and the nearest white, grey RGB (what
+    lllyasviel's MiDaS annotator gives: (d − min) / (max − min) · 255, here rounded)."""
+    if depth.ndim == 3 and depth.shape[0] == 1:
+        depth = depth[0]
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be (H, W) or (1, H, W), got {tuple(depth.shape)}")
+    d = depth.detach().float().cpu()
+    low, high = d.min(), d.max()
+    if not torch.isfinite(d).all() or high == low:
+        raise ValueError("depth must be finite and not constant to make a picture of it")
+    grey = ((d - low) / (high - low) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(grey).convert("RGB")
