@@ -126,6 +126,22 @@ def compare_tiled_decode(ours, ref, args, g: torch.Generator) -> dict:
     return row | {f"{who}_rel_err_to_whole": rel_err(image, whole) for who, image in last.items()}
 
 
+def unet_flops(unet, x, t, context) -> int:
+    """Floating-point operations of one UNet call, by torch's flop counter (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, context)
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: str, n: int = 4096, repeats: int = 5) -> float:
+    """The fp32 ceiling of this machine, roughly: GFLOP/s of an n×n by n×n matmul (2n³ operations), median."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    return 2 * n**3 / statistics.median(timed(lambda: a @ b, device)[0] for _ in range(repeats)) / 1e9
+
+
 def compare_preview(ours, ref, args, g: torch.Generator) -> list[dict]:
     """The preview decoder (`addons/preview.py`, TAESD's 64-wide architecture) on diffusers'
     `AutoencoderTiny` decoder's random weights: ours against diffusers' (with the relative error of
@@ -160,10 +176,10 @@ def run_mode(mode: str, args, tmp: Path) -> list[dict]:
             x = torch.randn(2, 4, h, h, generator=g).to(device, dtype)  # batch 2: CFG's two halves
             context = torch.randn(2, 77, width, generator=g).to(device, dtype)
             t = torch.tensor([500, 500], device=device)
-            rows.append(compare(f"UNet step, CFG batch 2, {pixels}×{pixels}",
-                                lambda: ours.unet(x, t, context),
-                                lambda: ref.unet(x, t, encoder_hidden_states=context), device, args.warmup,
-                                args.repeats))
+            row = compare(f"UNet step, CFG batch 2, {pixels}×{pixels}", lambda: ours.unet(x, t, context),
+                          lambda: ref.unet(x, t, encoder_hidden_states=context), device, args.warmup, args.repeats)
+            flops = unet_flops(ours.unet, x, t, context)
+            rows.append(row | {"tflop": flops / 1e12, "ours_gflop_s": flops / row["ours_s"] / 1e9})
         if "text" in args.rows:
             ids = ours.tokenizer([PROMPT, ""]).to(device)
             rows.append(compare("text encoder, batch 2", lambda: ours.text_encoder(ids),
@@ -206,25 +222,33 @@ def main() -> None:
     parser.add_argument("--image-steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--peak", action="store_true",
+                        help="also measure the fp32 matmul ceiling and give the UNet rows as a fraction of it")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    rows, peak = [], matmul_peak(args.device) if args.peak else None
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
             rows += run_mode(mode, args, Path(tmp))
     print(f"{'mode':<14} {'what':<44} {'ours s':>9} {'diffusers s':>11} {'ratio':>6}")
     for r in rows:
         memory = f"   peak GB {r['ours_peak_gb']:.2f} vs {r['diffusers_peak_gb']:.2f}" if "ours_peak_gb" in r else ""
+        if "ours_gflop_s" in r:
+            memory += f"   {r['tflop']:.3f} TFLOP, ours {r['ours_gflop_s']:.0f} GFLOP/s"
+            memory += f" ({r['ours_gflop_s'] / peak:.0%} of the matmul peak)" if peak else ""
         if "rel_err" in r:
             memory += f"   rel. error {r['rel_err']:.1e}"
         if "ours_rel_err_to_whole" in r:
             memory += (f"   off the whole decode: ours {r['ours_rel_err_to_whole']:.1e}, "
                        f"diffusers {r['diffusers_rel_err_to_whole']:.1e}")
         print(f"{r['mode']:<14} {r['what']:<44} {r['ours_s']:>9.4f} {r['diffusers_s']:>11.4f} {r['ratio']:>6.2f}{memory}")
+    if peak:
+        print(f"fp32 matmul peak (4096³, median of 5): {peak:.0f} GFLOP/s")
     if args.json:
         environment = {"torch": torch.__version__, "device": args.device, "size": args.size,
                        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                       "matmul_gflop_s": peak,
                        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
         args.json.write_text(json.dumps({"environment": environment, "rows": rows}, indent=2))
 

@@ -26,6 +26,7 @@ def test_benchmark_smoke(tmp_path):
                                                           "VAE decode in 32-pixel tiles", "whole image"]
     assert all(r["ours_s"] > 0 and r["diffusers_s"] > 0 and r["ratio"] > 0 for r in rows)
     assert "ratio" in result.stdout
+    assert rows[0]["tflop"] > 0 and rows[0]["ours_gflop_s"] > 0  # the UNet step's work, counted
     assert rows[3]["rel_err"] <= 1e-4  # the preview decoder is diffusers' AutoencoderTiny's, on its weights
     assert rows[5]["ours_rel_err_to_whole"] <= 1e-4  # ours is exact; diffusers' blended tiles are not
     assert rows[5]["diffusers_rel_err_to_whole"] > 0
