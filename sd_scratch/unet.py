@@ -360,6 +360,11 @@ def check_timesteps(t: torch.Tensor | float | int, batch: int, device: torch.dev
     return t.reshape(-1).expand(batch)
 
 
+def embed_timesteps(mlp: TimestepMLP, t: torch.Tensor | float | int, x: torch.Tensor, width: int) -> torch.Tensor:
+    """t (a scalar or (B,)) -> the time embedding every ResNet adds, (B, 4·width) in x's dtype."""
+    return mlp(timestep_embedding(check_timesteps(t, x.shape[0], x.device), width).to(x.dtype))
+
+
 # Extra residuals from a ControlNet: one per skip (the up path's inputs), and one for the middle.
 ControlResiduals = tuple[list[torch.Tensor], torch.Tensor]
 
@@ -414,9 +419,7 @@ class UNet(nn.Module):
             raise ValueError(f"unet: x has {C} channels, this UNet takes {cfg.in_channels}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
             raise ValueError(f"unet: context must be (B={B}, tokens, {cfg.context_dim}), got {tuple(context.shape)}")
-        t = check_timesteps(t, B, x.device)
-
-        t_emb = self.time_embedding(timestep_embedding(t, cfg.channels[0]).to(x.dtype))  # (B, 4·C0)
+        t_emb = embed_timesteps(self.time_embedding, t, x, cfg.channels[0])  # (B, 4·C0)
 
         h, skips = run_down_path(self.down_blocks, self.conv_in(x), t_emb, context)
         h = self.mid_block(h, t_emb, context)

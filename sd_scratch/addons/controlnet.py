@@ -36,8 +36,7 @@ from torch import nn
 
 from ..checkpoints.files import CheckpointError, read_checkpoint
 from ..checkpoints.rules import Rule, convert, original_unet_shape, rename, unet_rules
-from ..unet import (ControlResiduals, MidBlock, TimestepMLP, UNetConfig, check_timesteps, down_path, run_down_path,
-                    timestep_embedding)
+from ..unet import ControlResiduals, MidBlock, TimestepMLP, UNetConfig, down_path, embed_timesteps, run_down_path
 
 # The hint encoder's widths in SD 1.5/2.x ControlNets (cldm.py `input_hint_block`: 16, 16, 32, 32, 96,
 # 96, 256, each stride-2 conv halving the hint, three of them: 512 px -> 64 latent pixels).
@@ -168,8 +167,7 @@ class ControlNet(nn.Module):
         if hint.shape[-2:] != (h * factor, w * factor):
             raise ValueError(f"controlnet: the hint is {hint.shape[-1]}×{hint.shape[-2]} pixels; for a {w}×{h} latent it "
                              f"must be {w * factor}×{h * factor} (the hint encoder shrinks it {factor} times)")
-        t_emb = self.time_embedding(timestep_embedding(check_timesteps(t, B, x.device), self.config.unet.channels[0])
-                                    .to(x.dtype))
+        t_emb = embed_timesteps(self.time_embedding, t, x, self.config.unet.channels[0])
         h0 = self.conv_in(x) + self.controlnet_cond_embedding(hint)
         mid, skips = run_down_path(self.down_blocks, h0, t_emb, context)
         mid = self.mid_block(mid, t_emb, context)
