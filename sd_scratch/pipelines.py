@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -403,12 +403,12 @@ def _composed(sd: StableDiffusion, prompts: list[str], negatives: list[str], s: 
 
 
 def _controls(control) -> list[Control]:
-    """`control=` as a list: None, one Control or several."""
+    """`control=` as a list (None, one Control or several), each image opened once, here."""
     controls = [] if control is None else [control] if isinstance(control, Control) else control
     if not isinstance(controls, (list, tuple)) or not all(isinstance(c, Control) for c in controls):
         raise ValueError("control must be a guidance.Control, a list of them or None, got "
                          f"{type(control).__name__}")
-    return list(controls)
+    return [replace(c, image=open_image(c.image, f"control[{k}].image")) for k, c in enumerate(controls)]
 
 
 def _hints(sd: StableDiffusion, controls: list[Control], run: _Run, s: GenerationSettings) -> list[torch.Tensor]:
@@ -421,8 +421,7 @@ def _hints(sd: StableDiffusion, controls: list[Control], run: _Run, s: Generatio
         if net_factor != factor:
             raise ValueError(f"control[{k}]: this ControlNet's hint encoder shrinks the hint {net_factor} times, "
                              f"the VAE {factor} times; it was made for another model")
-        image = open_image(control.image, f"control[{k}].image")
-        hint = image_to_unit_tensor(image, s.height, s.width).repeat(run.batch, 1, 1, 1)
+        hint = image_to_unit_tensor(control.image, s.height, s.width).repeat(run.batch, 1, 1, 1)
         hints.append(hint.to(sd.device, sd.dtype))
     return hints
 
@@ -505,7 +504,7 @@ def txt2img(sd: StableDiffusion, prompt: str | list[str], negative_prompt: str |
     run = _start(sd, prompt, negative_prompt, s)
     factor = sd.vae.config.factor
     if controls:
-        s.height, s.width = _size_from_image(open_image(controls[0].image, "control[0].image"), s, factor)
+        s.height, s.width = _size_from_image(controls[0].image, s, factor)
     s.height, s.width = s.height or sd.native_resolution, s.width or sd.native_resolution
     x = _noise((run.batch, sd.unet.config.out_channels, s.height // factor, s.width // factor), run, sd)
     x = x * run.sampler.init_noise_sigma
@@ -553,10 +552,7 @@ def depth2img(sd: StableDiffusion, prompt: str | list[str], image, depth_map, ne
     (1 or B, 1, H, W) at any size, or a grayscale image; it is resized bicubically to the latent's
     size and set to [−1, 1] per image, 2·(d − min)/(max − min) − 1, as diffusers does. With
     `StableDiffusion.depth2img` it may be omitted: the model's depth estimator (MiDaS) makes it."""
-    expected = sd.vae.config.latent_channels + DEPTH_CHANNELS
-    if sd.unet.config.in_channels != expected:
-        raise ValueError(f"depth2img needs SD 2 depth's UNet ({expected} input channels: the latent and the depth), "
-                         f"this model's has {sd.unet.config.in_channels}")
+    check_depth_model(sd)
     s = GenerationSettings(height=height, width=width, **settings)
     depth = depth_tensor(depth_map)
     images_wanted = len(as_prompt_list(prompt, "prompt")) * s.num_images
@@ -570,6 +566,14 @@ def depth2img(sd: StableDiffusion, prompt: str | list[str], image, depth_map, ne
         return d.to(sd.dtype).repeat(images_wanted // d.shape[0], 1, 1, 1)
 
     return _sdedit(sd, prompt, open_image(image, "image"), negative_prompt, strength, s, callback, progress, condition)
+
+
+def check_depth_model(sd: StableDiffusion) -> None:
+    """depth2img needs a UNet that reads the latent and the depth map (SD 2 depth's 5 channels)."""
+    expected = sd.vae.config.latent_channels + DEPTH_CHANNELS
+    if sd.unet.config.in_channels != expected:
+        raise ValueError(f"depth2img needs SD 2 depth's UNet ({expected} input channels: the latent and the depth), "
+                         f"this model's has {sd.unet.config.in_channels}")
 
 
 def depth_tensor(depth_map) -> torch.Tensor:

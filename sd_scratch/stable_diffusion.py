@@ -148,18 +148,18 @@ class StableDiffusion:
         to the pipelines as `control=Control(net, image, scale, start, end)`. See `addons/controlnet.py`."""
         return controlnet.load_controlnet(path, self.unet.config, self.device, self.dtype)
 
-    def load_depth_estimator(self, path_or_tensors, input_size: int = depth.DPT_SIZE,
+    def load_depth_estimator(self, path_or_tensors, input_size: int | None = None,
                              source: str | None = None) -> StableDiffusion:
         """The depth model `depth2img` estimates depth maps with: MiDaS's `dpt_hybrid-midas-501f0c75.pt`,
         SD 2's `512-depth-ema.ckpt`, a transformers DPT folder, or such tensors already read. It runs
         in float32 (its GroupNorm'd, weight-standardised convs are not fp16-safe), images squashed to
-        input_size × input_size as diffusers' depth pipeline does. See `addons/depth.py`."""
+        input_size × input_size (None: DPT-Hybrid's 384) as diffusers' depth pipeline does. See `addons/depth.py`."""
         if isinstance(path_or_tensors, dict):
             estimator = depth.depth_estimator_from_state_dict(path_or_tensors, source=source or "state dict")
         else:
             estimator = depth.load_depth_estimator(path_or_tensors)
         self.depth_estimator = estimator.to(self.device, torch.float32).requires_grad_(False)
-        self.depth_input_size = input_size
+        self.depth_input_size = input_size or depth.DPT_SIZE
         return self
 
     @torch.no_grad()
@@ -196,8 +196,7 @@ class StableDiffusion:
                   lora_dir=None, **kwargs) -> list[Image.Image]:
         """Depth-to-image (SD 2 depth): img2img that keeps `image`'s layout through a depth map, given
         or estimated by the depth estimator (`estimate_depth`); see `pipelines.depth2img`."""
-        if self.unet.config.in_channels != self.vae.config.latent_channels + pipelines.DEPTH_CHANNELS:
-            return pipelines.depth2img(self, prompt, image, depth_map, negative_prompt, **kwargs)  # says what is wrong
+        pipelines.check_depth_model(self)  # before the estimator runs
         if depth_map is None:
             depth_map = self.estimate_depth(image)
         return self._with_prompt_loras(pipelines.depth2img, prompt, lora_dir, image, depth_map, negative_prompt,

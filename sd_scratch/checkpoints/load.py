@@ -57,8 +57,6 @@ POSITION_IDS = "embeddings.position_ids"
 PROBE_V_BELOW = -1.0
 # SD 2 depth's single file carries its MiDaS depth model under this prefix (ldm's LatentDepth2ImageDiffusion).
 DEPTH_MODEL_PREFIX = "depth_model."
-# The side the depth model reads images at when a folder's feature_extractor/ does not say (DPT-Hybrid's 384).
-DPT_INPUT_SIZE = 384
 # The built-in model (`weights/README.md`), shipped inside the package: what `load()` reads when
 # it is given no path.
 BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "data" / "tiny-shapes.safetensors"
@@ -122,7 +120,7 @@ class _Read:
     signature: Signature
     report: LoadReport
     depth: dict | Path | None = None  # SD 2 depth's MiDaS: its tensors (a single file) or its folder
-    depth_input_size: int = DPT_INPUT_SIZE
+    depth_input_size: int | None = None  # the side it reads images at, where the folder says (else its own)
 
 
 def _declared_prediction_type(path: Path, explicit: str | None) -> tuple[str | None, str]:
@@ -178,7 +176,7 @@ def _assemble(read: _Read, declared: tuple[str | None, str], device, dtype: torc
     model = StableDiffusion(tokenizer, text_encoder, unet, vae, family, name=Path(report.source).stem, report=report)
     if read.depth is not None:
         model.load_depth_estimator(read.depth, read.depth_input_size, source=report.source)
-        report.notes.append(f"depth estimator: MiDaS DPT-Hybrid, read at {read.depth_input_size}×{read.depth_input_size}")
+        report.notes.append(f"depth estimator: MiDaS DPT-Hybrid, read at {model.depth_input_size}×{model.depth_input_size}")
     return model
 
 
@@ -363,12 +361,12 @@ def _read_diffusers_folder(folder: Path, variant: str | None, strict: bool, decl
         tokenizer = CLIPTokenizer(pad_id=family.pad_id)
         report.notes.append("tokenizer: no tokenizer/ folder, so the vendored CLIP BPE vocabulary")
     _check_context(unet, text_encoder, folder)
-    depth, size = None, DPT_INPUT_SIZE
+    depth, size = None, None
     if (folder / "depth_estimator").is_dir():  # SD 2 depth: transformers' DPT folder, its processor beside it
         depth = folder / "depth_estimator"
         processor = folder / "feature_extractor" / "preprocessor_config.json"
         if processor.is_file():
-            size = _read_json(processor).get("size", {}).get("height", DPT_INPUT_SIZE)
+            size = _read_json(processor).get("size", {}).get("height")
     return _Read((tokenizer, text_encoder, unet, vae), family, signature, report, depth, size)
 
 
